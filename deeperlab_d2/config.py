@@ -1,0 +1,157 @@
+"""Config keys of deeperlab_d2: call :func:`add_deeperlab_config` once on a Detectron2 cfg."""
+from detectron2.config import CfgNode as CN
+
+
+def add_deeperlab_config(cfg):
+    """Add every key used by deeperlab_d2 (model, backbones, targets, losses, solver, input)."""
+    _C = cfg
+
+    # ---------------------------------------------------------------------------------------
+    # Backbones. Both expose res2..res5 (strides 4, 8, 16, 32; res5 at 16 or 8 with atrous).
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.XCEPTION = CN()
+    # Encoder output stride: 32 (plain), 16 or 8 (atrous exit / middle flow).
+    _C.MODEL.XCEPTION.OUTPUT_STRIDE = 16
+    _C.MODEL.XCEPTION.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    _C.MODEL.XCEPTION.NORM = "BN"
+
+    _C.MODEL.MOBILENETV2 = CN()
+    _C.MODEL.MOBILENETV2.OUTPUT_STRIDE = 16
+    _C.MODEL.MOBILENETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    _C.MODEL.MOBILENETV2.NORM = "BN"
+    # Channel width multiplier of MobileNetV2 (1.0 = the paper's W-MNV2).
+    _C.MODEL.MOBILENETV2.WIDTH_MULT = 1.0
+    # Kernel of every depthwise conv: 5 for the "wider" MobileNetV2 of DeeperLab, 3 = original.
+    _C.MODEL.MOBILENETV2.KERNEL_SIZE = 5
+
+    # ---------------------------------------------------------------------------------------
+    # DeeperLab
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.DEEPERLAB = CN()
+    # Backbone feature fed to ASPP, and the stride-4 low-level feature used by the decoder.
+    _C.MODEL.DEEPERLAB.IN_FEATURE = "res5"
+    _C.MODEL.DEEPERLAB.LOW_LEVEL_FEATURE = "res2"
+    # Number of semantic classes (things + stuff, contiguous ids).
+    _C.MODEL.DEEPERLAB.NUM_CLASSES = 19
+    _C.MODEL.DEEPERLAB.IGNORE_VALUE = 255
+    _C.MODEL.DEEPERLAB.NORM = "BN"
+    # Padding multiple of the input; -1 = the largest stride among the features used.
+    _C.MODEL.DEEPERLAB.SIZE_DIVISIBILITY = -1
+
+    _C.MODEL.DEEPERLAB.ASPP = CN()
+    _C.MODEL.DEEPERLAB.ASPP.CHANNELS = 256
+    # Atrous rates at output stride 16; use [12, 24, 36] at output stride 8.
+    _C.MODEL.DEEPERLAB.ASPP.DILATIONS = [6, 12, 18]
+    _C.MODEL.DEEPERLAB.ASPP.DROPOUT = 0.1
+
+    _C.MODEL.DEEPERLAB.DECODER = CN()
+    # 1x1 reduction of the low-level feature before space-to-depth.
+    _C.MODEL.DEEPERLAB.DECODER.LOW_LEVEL_CHANNELS = 32
+    # Channels of the stride-4 decoder output after depth-to-space. The two depthwise-separable
+    # convs before it run at the encoder stride with OUT_CHANNELS * block**2 channels
+    # (256 * 4**2 = 4096 at output stride 16).
+    _C.MODEL.DEEPERLAB.DECODER.OUT_CHANNELS = 256
+    _C.MODEL.DEEPERLAB.DECODER.KERNEL_SIZE = 7
+
+    # The five prediction heads: a KxK depthwise-separable conv + BN + ReLU, then a 1x1 conv.
+    _C.MODEL.DEEPERLAB.HEAD_KERNEL_SIZE = 7
+    _C.MODEL.DEEPERLAB.SEM_SEG_HEAD_CHANNELS = 256
+    _C.MODEL.DEEPERLAB.INSTANCE_HEAD_CHANNELS = 64
+
+    # Targets (made in the dataset mapper).
+    _C.MODEL.DEEPERLAB.TARGETS = CN()
+    # Radius (px, input resolution) of the keypoint disks.
+    _C.MODEL.DEEPERLAB.TARGETS.KEYPOINT_RADIUS = 25
+    # Thing instances with fewer pixels than this get SMALL_INSTANCE_WEIGHT in the semantic loss.
+    _C.MODEL.DEEPERLAB.TARGETS.SMALL_INSTANCE_AREA = 4096
+    _C.MODEL.DEEPERLAB.TARGETS.SMALL_INSTANCE_WEIGHT = 3.0
+    # Whether the heatmap loss ignores void pixels too (crowd pixels are always ignored).
+    _C.MODEL.DEEPERLAB.TARGETS.IGNORE_VOID_IN_HEATMAP = True
+
+    # Losses.
+    _C.MODEL.DEEPERLAB.LOSS = CN()
+    _C.MODEL.DEEPERLAB.LOSS.SEM_SEG_WEIGHT = 1.0
+    # Bootstrapped CE keeps the TOP_K_RATIO hardest valid pixels of each image.
+    _C.MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO = 0.15
+    _C.MODEL.DEEPERLAB.LOSS.HEATMAP_WEIGHT = 1.0
+    _C.MODEL.DEEPERLAB.LOSS.SHORT_OFFSET_WEIGHT = 1.0
+    _C.MODEL.DEEPERLAB.LOSS.MID_OFFSET_WEIGHT = 0.25
+    _C.MODEL.DEEPERLAB.LOSS.LONG_OFFSET_WEIGHT = 0.1
+    # Offsets (px) are divided by this before the L1 loss.
+    _C.MODEL.DEEPERLAB.LOSS.OFFSET_NORMALIZER = 25.0
+
+    # ---------------------------------------------------------------------------------------
+    # Data and solver
+    # ---------------------------------------------------------------------------------------
+    # Name of the mapper's dataset format ("coco_panoptic"); panoptic PNG + segments_info.
+    _C.INPUT.DATASET_MAPPER_NAME = "deeperlab_panoptic"
+    # Applied after ResizeShortestEdge: random crop with padding-free cropping.
+    _C.INPUT.CROP.ENABLED = True
+    _C.INPUT.CROP.TYPE = "absolute"
+    _C.INPUT.CROP.SIZE = (513, 513)
+    _C.INPUT.RANDOM_FLIP = "horizontal"
+
+    # "SGD" or "ADAM".
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # Power of "WarmupPolyLR" (lr = base * (1 - iter / max_iter) ** POLY_LR_POWER).
+    _C.SOLVER.POLY_LR_POWER = 0.9
+    # Learning rate at the end of the poly schedule (absolute value).
+    _C.SOLVER.POLY_LR_END = 0.0
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _require(cfg, key: str, ok, expected: str):
+    value = _get(cfg, key)
+    if not ok(value):
+        raise ValueError(f"config key {key} must be {expected}, got {value!r}")
+
+
+def check_deeperlab_config(cfg):
+    """Raise ``ValueError`` naming the key if a DeeperLab config value is out of range."""
+    positive_int = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
+    odd_kernel = (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd integer >= 1")
+    non_negative = (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
+    positive = (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
+    rules = {
+        "MODEL.DEEPERLAB.NUM_CLASSES": positive_int,
+        "MODEL.DEEPERLAB.IGNORE_VALUE": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+        "MODEL.DEEPERLAB.ASPP.CHANNELS": positive_int,
+        "MODEL.DEEPERLAB.ASPP.DILATIONS": (
+            lambda v: len(v) == 3 and all(isinstance(d, int) and d > 0 for d in v),
+            "three positive integers",
+        ),
+        "MODEL.DEEPERLAB.ASPP.DROPOUT": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        "MODEL.DEEPERLAB.DECODER.LOW_LEVEL_CHANNELS": positive_int,
+        "MODEL.DEEPERLAB.DECODER.OUT_CHANNELS": positive_int,
+        "MODEL.DEEPERLAB.DECODER.KERNEL_SIZE": odd_kernel,
+        "MODEL.DEEPERLAB.HEAD_KERNEL_SIZE": odd_kernel,
+        "MODEL.DEEPERLAB.SEM_SEG_HEAD_CHANNELS": positive_int,
+        "MODEL.DEEPERLAB.INSTANCE_HEAD_CHANNELS": positive_int,
+        "MODEL.DEEPERLAB.TARGETS.KEYPOINT_RADIUS": positive,
+        "MODEL.DEEPERLAB.TARGETS.SMALL_INSTANCE_AREA": non_negative,
+        "MODEL.DEEPERLAB.TARGETS.SMALL_INSTANCE_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.LOSS.SEM_SEG_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+        "MODEL.DEEPERLAB.LOSS.HEATMAP_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.LOSS.SHORT_OFFSET_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.LOSS.MID_OFFSET_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.LOSS.LONG_OFFSET_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.LOSS.OFFSET_NORMALIZER": positive,
+        "INPUT.RANDOM_FLIP": (lambda v: v in ("none", "horizontal", "vertical"), "one of none, "
+                              "horizontal, vertical"),
+        "SOLVER.OPTIMIZER": (lambda v: v.upper() in ("SGD", "ADAM", "ADAMW"), "SGD, ADAM or ADAMW"),
+        "SOLVER.POLY_LR_POWER": positive,
+    }
+    for key, (ok, expected) in rules.items():
+        _require(cfg, key, ok, expected)
+    if cfg.MODEL.DEEPERLAB.NORM not in ("", "BN", "SyncBN", "GN", "FrozenBN", "nnSyncBN", "naiveSyncBN"):
+        raise ValueError(
+            f"config key MODEL.DEEPERLAB.NORM must be a Detectron2 norm name (BN, SyncBN, GN, "
+            f"...), got {cfg.MODEL.DEEPERLAB.NORM!r}"
+        )

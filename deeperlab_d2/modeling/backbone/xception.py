@@ -1,0 +1,393 @@
+"""Xception-71 ("modified aligned Xception" of DeepLabv3+) as a Detectron2 backbone.
+
+Layout (TF deeplab ``xception_71``), every conv except the two stem convs and the 1x1 shortcuts
+is depthwise-separable; downsampling uses a strided separable conv instead of max-pooling:
+
+===================  =======================  ========  ==========  =======
+flow / block         separable conv channels  stride    shortcut    output
+===================  =======================  ========  ==========  =======
+stem                 conv3x3 32 s2, conv 64   2
+entry 1              128, 128, 128            2         1x1 conv
+entry 2              256, 256, 256            1         1x1 conv    res2
+entry 3              256, 256, 256            2         1x1 conv
+entry 4              728, 728, 728            1         1x1 conv    res3
+entry 5              728, 728, 728            2         1x1 conv
+middle 1..16         728, 728, 728            1         identity    res4
+exit 1               728, 1024, 1024          2         1x1 conv
+exit 2               1536, 1536, 2048         1         none        res5
+===================  =======================  ========  ==========  =======
+
+Depth: 2 stem convs + (5 entry + 16 middle + 2 exit) blocks * 3 separable convs = 2 + 69 = 71.
+
+Atrous (DeepLab scheme): once the running stride reaches ``output_stride``, every later stride
+becomes 1 and the dilation of the following layers is multiplied by the removed stride (the
+block whose stride is removed keeps the previous dilation). At output stride 16 the exit flow
+runs at dilation 1 (exit 1) / 2 (exit 2); at output stride 8 the middle flow runs at dilation
+2 and the exit flow at 2 / 4.
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from torch import nn
+
+__all__ = ["SeparableConv2d", "XceptionBlock", "Xception71", "build_xception71_backbone"]
+
+_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+_VALID_OUTPUT_STRIDES = (8, 16, 32)
+
+
+def _same_padding(kernel_size: int, dilation: int) -> int:
+    """Symmetric padding keeping ``ceil(H / stride)`` outputs for odd kernels.
+
+    Args:
+        kernel_size: odd kernel size.
+        dilation: dilation of the conv.
+
+    Returns:
+        The padding on each side (equal to TF "SAME" padding when the input is divisible by the
+        stride).
+    """
+    return dilation * (kernel_size - 1) // 2
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise KxK conv + norm + ReLU, then pointwise 1x1 conv + norm (+ ReLU).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels of the pointwise conv.
+        kernel_size: depthwise kernel size (odd).
+        stride: stride of the depthwise conv.
+        dilation: dilation of the depthwise conv.
+        norm: Detectron2 norm name (see :func:`detectron2.layers.get_norm`).
+        last_activation: whether to apply ReLU after the pointwise norm. Blocks with a
+            shortcut disable it and apply the ReLU after the residual sum.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        norm: str = "BN",
+        last_activation: bool = True,
+    ):
+        super().__init__()
+        self.depthwise = Conv2d(
+            in_channels,
+            in_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=_same_padding(kernel_size, dilation),
+            dilation=dilation,
+            groups=in_channels,
+            bias=False,
+            norm=get_norm(norm, in_channels),
+            activation=nn.ReLU(inplace=True),
+        )
+        self.pointwise = Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size=1,
+            bias=False,
+            norm=get_norm(norm, out_channels),
+            activation=nn.ReLU(inplace=True) if last_activation else None,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: (N, in_channels, H, W) tensor.
+
+        Returns:
+            (N, out_channels, H', W') tensor.
+        """
+        return self.pointwise(self.depthwise(x))
+
+
+class XceptionBlock(nn.Module):
+    """Three separable convs (the last one strided) with a conv, identity or no shortcut.
+
+    With a shortcut, the last pointwise conv is normalized, summed with the shortcut and then
+    passed through ReLU.
+
+    Args:
+        in_channels: input channels.
+        channels: output channels of the three separable convs.
+        stride: stride of the last separable conv (and of the 1x1 conv shortcut).
+        dilation: dilation of the three depthwise convs.
+        shortcut: "conv" (1x1 conv + norm), "identity" or "none".
+        norm: Detectron2 norm name.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        stride: int = 1,
+        dilation: int = 1,
+        shortcut: str = "conv",
+        norm: str = "BN",
+    ):
+        super().__init__()
+        if len(channels) != 3:
+            raise ValueError(f"An Xception block has 3 separable convs, got channels={channels}")
+        if shortcut not in ("conv", "identity", "none"):
+            raise ValueError(f"shortcut must be 'conv', 'identity' or 'none', got {shortcut!r}")
+        if shortcut == "identity" and (stride != 1 or in_channels != channels[-1]):
+            raise ValueError("An identity shortcut needs stride 1 and equal in/out channels")
+        self.shortcut_type = shortcut
+        has_shortcut = shortcut != "none"
+
+        convs = []
+        prev = in_channels
+        for i, out in enumerate(channels):
+            last = i == len(channels) - 1
+            convs.append(
+                SeparableConv2d(
+                    prev,
+                    out,
+                    kernel_size=3,
+                    stride=stride if last else 1,
+                    dilation=dilation,
+                    norm=norm,
+                    last_activation=not (last and has_shortcut),
+                )
+            )
+            prev = out
+        self.convs = nn.Sequential(*convs)
+
+        if shortcut == "conv":
+            self.shortcut = Conv2d(
+                in_channels,
+                channels[-1],
+                kernel_size=1,
+                stride=stride,
+                bias=False,
+                norm=get_norm(norm, channels[-1]),
+            )
+        else:
+            self.shortcut = None
+        self.out_channels = channels[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: (N, in_channels, H, W) tensor.
+
+        Returns:
+            (N, channels[-1], H / stride, W / stride) tensor.
+        """
+        out = self.convs(x)
+        if self.shortcut_type == "none":
+            return out
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return torch.relu_(out + residual)
+
+
+class Xception71(nn.Module):
+    """Xception-71 encoder (plain ``nn.Module``), see the module docstring for the layout.
+
+    Args:
+        in_channels: input image channels.
+        output_stride: 8, 16 or 32; stride of the last feature (atrous convs beyond it).
+        norm: Detectron2 norm name ("BN", "SyncBN", "FrozenBN", ...). Note that "GN" (32
+            groups) does not divide the 728-channel layers.
+        out_features: features returned by :meth:`forward`, a subset of res2..res5. ``None``
+            means all four. Layers after the last requested feature are not built.
+        num_middle_blocks: number of middle-flow blocks (16 for Xception-71).
+    """
+
+    # (name, channels, stride, shortcut, output feature name or None)
+    ENTRY_FLOW = (
+        ("entry_flow1", (128, 128, 128), 2, "conv", None),
+        ("entry_flow2", (256, 256, 256), 1, "conv", "res2"),
+        ("entry_flow3", (256, 256, 256), 2, "conv", None),
+        ("entry_flow4", (728, 728, 728), 1, "conv", "res3"),
+        ("entry_flow5", (728, 728, 728), 2, "conv", None),
+    )
+    MIDDLE_CHANNELS = (728, 728, 728)
+    EXIT_FLOW = (
+        ("exit_flow1", (728, 1024, 1024), 2, "conv", None),
+        ("exit_flow2", (1536, 1536, 2048), 1, "none", "res5"),
+    )
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        output_stride: int = 16,
+        norm: str = "BN",
+        out_features: Optional[Sequence[str]] = None,
+        num_middle_blocks: int = 16,
+    ):
+        super().__init__()
+        if output_stride not in _VALID_OUTPUT_STRIDES:
+            raise ValueError(
+                f"output_stride must be one of {_VALID_OUTPUT_STRIDES}, got {output_stride}"
+            )
+        out_features = list(_STAGE_NAMES if out_features is None else out_features)
+        bad = [f for f in out_features if f not in _STAGE_NAMES]
+        if not out_features or bad:
+            raise ValueError(
+                f"out_features must be a non-empty subset of {_STAGE_NAMES}, got {out_features}"
+            )
+        self.output_stride = output_stride
+        self._out_features: List[str] = [f for f in _STAGE_NAMES if f in out_features]
+        last_needed = self._out_features[-1]
+
+        self.stem = nn.Sequential(
+            Conv2d(
+                in_channels,
+                32,
+                kernel_size=3,
+                stride=2,
+                padding=1,
+                bias=False,
+                norm=get_norm(norm, 32),
+                activation=nn.ReLU(inplace=True),
+            ),
+            Conv2d(
+                32,
+                64,
+                kernel_size=3,
+                stride=1,
+                padding=1,
+                bias=False,
+                norm=get_norm(norm, 64),
+                activation=nn.ReLU(inplace=True),
+            ),
+        )
+
+        # Block specs in order; the middle flow output is "res4".
+        specs = list(self.ENTRY_FLOW)
+        for i in range(num_middle_blocks):
+            name = "res4" if i == num_middle_blocks - 1 else None
+            specs.append((f"middle_flow{i + 1}", self.MIDDLE_CHANNELS, 1, "identity", name))
+        specs.extend(self.EXIT_FLOW)
+
+        current_stride, dilation = 2, 1
+        prev = 64
+        self.block_names: List[str] = []
+        self._stage_outputs: Dict[str, str] = {}  # block name -> feature name
+        self._out_feature_channels: Dict[str, int] = {}
+        self._out_feature_strides: Dict[str, int] = {}
+        for name, channels, stride, shortcut, feature in specs:
+            if current_stride >= output_stride:
+                block_stride, block_dilation = 1, dilation
+                dilation *= stride
+            else:
+                block_stride, block_dilation = stride, 1
+                current_stride *= stride
+            block = XceptionBlock(
+                prev, channels, block_stride, block_dilation, shortcut=shortcut, norm=norm
+            )
+            self.add_module(name, block)
+            self.block_names.append(name)
+            prev = block.out_channels
+            if feature is not None:
+                self._stage_outputs[name] = feature
+                self._out_feature_channels[feature] = prev
+                self._out_feature_strides[feature] = current_stride
+                if feature == last_needed:
+                    break
+
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            x: (N, C, H, W) image tensor.
+
+        Returns:
+            dict mapping each requested feature name to its (N, C_f, H / s_f, W / s_f) map
+            (sizes rounded up when H, W are not divisible by the stride).
+        """
+        outputs = {}
+        x = self.stem(x)
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+            feature = self._stage_outputs.get(name)
+            if feature is not None and feature in self._out_features:
+                outputs[feature] = x
+        return outputs
+
+
+class D2Xception71(Xception71, Backbone):
+    """Detectron2 :class:`Backbone` adapter of :class:`Xception71`.
+
+    Args:
+        cfg: Detectron2 config with the ``MODEL.XCEPTION`` keys.
+        input_shape: input :class:`ShapeSpec` (its ``channels`` is used).
+    """
+
+    def __init__(self, cfg, input_shape: ShapeSpec):
+        output_stride = cfg.MODEL.XCEPTION.OUTPUT_STRIDE
+        out_features = list(cfg.MODEL.XCEPTION.OUT_FEATURES)
+        _check_output_stride_and_features("MODEL.XCEPTION", output_stride, out_features)
+        super().__init__(
+            in_channels=input_shape.channels,
+            output_stride=output_stride,
+            norm=cfg.MODEL.XCEPTION.NORM,
+            out_features=out_features,
+        )
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        """
+        Returns:
+            dict of feature name -> ShapeSpec(channels, stride) with the true (atrous) strides.
+        """
+        return {
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
+            for name in self._out_features
+        }
+
+
+def _check_output_stride_and_features(prefix: str, output_stride, out_features) -> None:
+    """Validate the OUTPUT_STRIDE and OUT_FEATURES keys of a backbone config node.
+
+    Args:
+        prefix: config node name used in the messages, e.g. "MODEL.XCEPTION".
+        output_stride: value of ``<prefix>.OUTPUT_STRIDE``.
+        out_features: value of ``<prefix>.OUT_FEATURES``.
+
+    Raises:
+        ValueError: naming the offending key.
+    """
+    if output_stride not in _VALID_OUTPUT_STRIDES:
+        raise ValueError(
+            f"{prefix}.OUTPUT_STRIDE must be one of {_VALID_OUTPUT_STRIDES}, got {output_stride}"
+        )
+    bad = [f for f in out_features if f not in _STAGE_NAMES]
+    if not out_features or bad:
+        raise ValueError(
+            f"{prefix}.OUT_FEATURES must be a non-empty subset of {list(_STAGE_NAMES)}, "
+            f"got {list(out_features)}"
+        )
+
+
+@BACKBONE_REGISTRY.register()
+def build_xception71_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """Build Xception-71 from ``cfg.MODEL.XCEPTION``.
+
+    Args:
+        cfg: Detectron2 config (after :func:`deeperlab_d2.config.add_deeperlab_config`).
+        input_shape: input :class:`ShapeSpec`.
+
+    Returns:
+        a :class:`D2Xception71` backbone with outputs ``cfg.MODEL.XCEPTION.OUT_FEATURES``.
+    """
+    return D2Xception71(cfg, input_shape)

@@ -1,0 +1,262 @@
+"""The DeeperLab meta-architecture (SPEC §1-3)."""
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList
+from torch import nn
+
+from ..config import check_deeperlab_config
+from ..data.target_generator import KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS
+from .decoder import DeeperLabDecoder, DeeperLabHeads
+from .losses import masked_l1_loss, weighted_bootstrapped_cross_entropy, weighted_sigmoid_cross_entropy
+
+# Target tensors the dataset mapper adds to each dataset dict, with their padding values.
+TARGET_PAD_VALUES = {
+    "sem_seg": None,  # the ignore value
+    "sem_seg_weights": 0.0,
+    "heatmap": 0.0,
+    "heatmap_weights": 0.0,
+    "short_offsets": 0.0,
+    "mid_offsets": 0.0,
+    "long_offsets": 0.0,
+    "long_offset_weights": 0.0,
+}
+
+
+def pad_and_stack(tensors: Sequence[torch.Tensor], size, value: float) -> torch.Tensor:
+    """Stack tensors [..., h_i, w_i] into [N, ..., H, W], padding bottom/right with ``value``."""
+    out = tensors[0].new_full((len(tensors), *tensors[0].shape[:-2], *size), value)
+    for i, t in enumerate(tensors):
+        out[i, ..., : t.shape[-2], : t.shape[-1]].copy_(t)
+    return out
+
+
+@META_ARCH_REGISTRY.register()
+class DeeperLab(nn.Module):
+    """DeeperLab: single-shot panoptic image parser (Yang et al., 2019).
+
+    Backbone -> ASPP + space-to-depth decoder -> five heads (semantic, keypoint heatmaps,
+    short-, middle- and long-range offsets), all predicted at stride 4 and upsampled to the
+    (padded) input resolution.
+
+    In training mode ``forward`` returns the loss dict. In eval mode it currently returns, per
+    image, the raw head outputs cropped to the image's (resized) input size:
+    ``{"sem_seg_logits": [C, h, w], "heatmap_logits": [P, h, w], "short_offsets": [P, 2, h, w],
+    "mid_offsets": [E, 2, h, w], "long_offsets": [P, 2, h, w]}``, offsets (dy, dx) in pixels of
+    that input. Panoptic post-processing arrives with the inference issue.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        decoder: DeeperLabDecoder,
+        heads: DeeperLabHeads,
+        in_feature: str,
+        low_level_feature: str,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        size_divisibility: int,
+        ignore_value: int = 255,
+        sem_seg_loss_weight: float = 1.0,
+        sem_seg_top_k_ratio: float = 0.15,
+        heatmap_loss_weight: float = 1.0,
+        short_offset_loss_weight: float = 1.0,
+        mid_offset_loss_weight: float = 0.25,
+        long_offset_loss_weight: float = 0.1,
+        offset_normalizer: float = 25.0,
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone giving ``in_feature`` and ``low_level_feature``.
+            decoder, heads: see :mod:`deeperlab_d2.modeling.decoder`.
+            pixel_mean, pixel_std: per-channel normalization of the input image.
+            size_divisibility: inputs are padded to a multiple of it.
+            offset_normalizer: the offset heads predict offsets divided by this value (better
+                conditioned); outputs are multiplied back to pixels, and the L1 losses compare
+                offsets divided by it.
+            others: loss weights, see ``add_deeperlab_config``.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+        self.heads = heads
+        self.in_feature = in_feature
+        self.low_level_feature = low_level_feature
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.size_divisibility = size_divisibility
+        self.ignore_value = ignore_value
+        self.sem_seg_loss_weight = sem_seg_loss_weight
+        self.sem_seg_top_k_ratio = sem_seg_top_k_ratio
+        self.heatmap_loss_weight = heatmap_loss_weight
+        self.short_offset_loss_weight = short_offset_loss_weight
+        self.mid_offset_loss_weight = mid_offset_loss_weight
+        self.long_offset_loss_weight = long_offset_loss_weight
+        self.offset_normalizer = offset_normalizer
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_deeperlab_config(cfg)
+        c = cfg.MODEL.DEEPERLAB
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        for key, name in (("IN_FEATURE", c.IN_FEATURE), ("LOW_LEVEL_FEATURE", c.LOW_LEVEL_FEATURE)):
+            if name not in shapes:
+                raise ValueError(
+                    f"MODEL.DEEPERLAB.{key} = {name!r} is not an output of backbone "
+                    f"{cfg.MODEL.BACKBONE.NAME} (it gives {sorted(shapes)})"
+                )
+        high, low = shapes[c.IN_FEATURE], shapes[c.LOW_LEVEL_FEATURE]
+        if high.stride % low.stride != 0:
+            raise ValueError(
+                f"stride of MODEL.DEEPERLAB.IN_FEATURE ({high.stride}) must be a multiple of the "
+                f"stride of MODEL.DEEPERLAB.LOW_LEVEL_FEATURE ({low.stride})"
+            )
+        if low.stride != 4:
+            raise ValueError(
+                f"MODEL.DEEPERLAB.LOW_LEVEL_FEATURE must have stride 4, {c.LOW_LEVEL_FEATURE!r} "
+                f"has stride {low.stride}"
+            )
+        decoder = DeeperLabDecoder(
+            in_channels=high.channels,
+            low_level_in_channels=low.channels,
+            block_size=high.stride // low.stride,
+            aspp_channels=c.ASPP.CHANNELS,
+            aspp_dilations=c.ASPP.DILATIONS,
+            aspp_dropout=c.ASPP.DROPOUT,
+            low_level_channels=c.DECODER.LOW_LEVEL_CHANNELS,
+            out_channels=c.DECODER.OUT_CHANNELS,
+            kernel_size=c.DECODER.KERNEL_SIZE,
+            norm=c.NORM,
+        )
+        heads = DeeperLabHeads(
+            in_channels=c.DECODER.OUT_CHANNELS,
+            num_classes=c.NUM_CLASSES,
+            num_keypoints=NUM_KEYPOINTS,
+            num_edges=NUM_EDGES,
+            sem_seg_channels=c.SEM_SEG_HEAD_CHANNELS,
+            instance_channels=c.INSTANCE_HEAD_CHANNELS,
+            kernel_size=c.HEAD_KERNEL_SIZE,
+            norm=c.NORM,
+        )
+        size_div = c.SIZE_DIVISIBILITY
+        if size_div <= 0:
+            size_div = max(high.stride, 4 * (high.stride // low.stride))
+        return {
+            "backbone": backbone,
+            "decoder": decoder,
+            "heads": heads,
+            "in_feature": c.IN_FEATURE,
+            "low_level_feature": c.LOW_LEVEL_FEATURE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": size_div,
+            "ignore_value": c.IGNORE_VALUE,
+            "sem_seg_loss_weight": c.LOSS.SEM_SEG_WEIGHT,
+            "sem_seg_top_k_ratio": c.LOSS.SEM_SEG_TOP_K_RATIO,
+            "heatmap_loss_weight": c.LOSS.HEATMAP_WEIGHT,
+            "short_offset_loss_weight": c.LOSS.SHORT_OFFSET_WEIGHT,
+            "mid_offset_loss_weight": c.LOSS.MID_OFFSET_WEIGHT,
+            "long_offset_loss_weight": c.LOSS.LONG_OFFSET_WEIGHT,
+            "offset_normalizer": c.LOSS.OFFSET_NORMALIZER,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def predict(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Head outputs at the resolution of ``images`` (normalized, padded [N, 3, H, W])."""
+        features = self.backbone(images)
+        x = self.decoder(features[self.in_feature], features[self.low_level_feature])
+        raw = self.heads(x)
+        size = images.shape[-2:]
+        out = {}
+        for name, t in raw.items():
+            if t.dim() == 5:  # offset fields [N, K, 2, h, w]
+                n, k = t.shape[:2]
+                up = F.interpolate(t.flatten(1, 2), size=size, mode="bilinear", align_corners=False)
+                out[name] = up.view(n, k, 2, *size) * self.offset_normalizer
+            else:
+                out[name] = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+        return out
+
+    def forward(self, batched_inputs: List[dict]):
+        """
+        Args:
+            batched_inputs: dataset dicts from the DeeperLab mapper: "image" [3, H, W] and, in
+                training, the target tensors of :class:`DeeperLabTargetGenerator`.
+
+        Returns:
+            training: dict of scalar losses ``loss_*``; eval: see the class docstring.
+        """
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        outputs = self.predict(images.tensor)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
+            return self.losses(outputs, targets)
+        results = []
+        for i, (h, w) in enumerate(images.image_sizes):
+            results.append(
+                {
+                    "sem_seg_logits": outputs["sem_seg"][i, :, :h, :w],
+                    "heatmap_logits": outputs["heatmap"][i, :, :h, :w],
+                    "short_offsets": outputs["short_offsets"][i, ..., :h, :w],
+                    "mid_offsets": outputs["mid_offsets"][i, ..., :h, :w],
+                    "long_offsets": outputs["long_offsets"][i, ..., :h, :w],
+                }
+            )
+        return results
+
+    def prepare_targets(self, batched_inputs: List[dict], size) -> Dict[str, torch.Tensor]:
+        """Pad every target tensor to the padded image size and stack them."""
+        targets = {}
+        for key, pad in TARGET_PAD_VALUES.items():
+            if key not in batched_inputs[0]:
+                raise KeyError(
+                    f"training input has no {key!r}: DeeperLab must be trained with "
+                    "DeeperLabDatasetMapper (see train_net.py)"
+                )
+            value = self.ignore_value if pad is None else pad
+            tensors = [x[key].to(self.device) for x in batched_inputs]
+            targets[key] = pad_and_stack(tensors, size, value)
+        return targets
+
+    def losses(self, outputs: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor]):
+        heat_mask = targets["heatmap"]  # the disks also mask short- and mid-range offsets
+        edge_sources = [src for src, _ in KEYPOINT_EDGES]
+        norm = self.offset_normalizer
+        return {
+            "loss_sem_seg": self.sem_seg_loss_weight
+            * weighted_bootstrapped_cross_entropy(
+                outputs["sem_seg"],
+                targets["sem_seg"],
+                targets["sem_seg_weights"],
+                self.sem_seg_top_k_ratio,
+                self.ignore_value,
+            ),
+            "loss_heatmap": self.heatmap_loss_weight
+            * weighted_sigmoid_cross_entropy(
+                outputs["heatmap"], targets["heatmap"], targets["heatmap_weights"]
+            ),
+            "loss_short_offset": self.short_offset_loss_weight
+            * masked_l1_loss(outputs["short_offsets"], targets["short_offsets"], heat_mask, norm),
+            "loss_mid_offset": self.mid_offset_loss_weight
+            * masked_l1_loss(
+                outputs["mid_offsets"], targets["mid_offsets"], heat_mask[:, edge_sources], norm
+            ),
+            "loss_long_offset": self.long_offset_loss_weight
+            * masked_l1_loss(
+                outputs["long_offsets"],
+                targets["long_offsets"],
+                targets["long_offset_weights"],
+                norm,
+            ),
+        }

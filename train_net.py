@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Train / evaluate DeeperLab with Detectron2's DefaultTrainer.
+
+    python train_net.py --config-file configs/synthetic/<leaf>.yaml [--num-gpus N]
+    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+    python train_net.py --config-file <cfg> --resume
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+
+from deeperlab_d2 import DeeperLabDatasetMapper, add_deeperlab_config
+from deeperlab_d2.solver import build_lr_scheduler, build_optimizer
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the DeeperLab dataset mapper, optimizer and poly LR schedule."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DeeperLabDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_deeperlab_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
