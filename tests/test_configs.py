@@ -1,0 +1,109 @@
+"""Every YAML under configs/ loads and its model builds and runs on CPU; bad values fail clearly."""
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import deeperlab_d2  # noqa: F401  (registers everything)
+from deeperlab_d2 import add_deeperlab_config
+from deeperlab_d2.data.target_generator import NUM_EDGES, NUM_KEYPOINTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def load(path, *opts):
+    cfg = get_cfg()
+    add_deeperlab_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def test_config_tree_is_complete():
+    names = [os.path.relpath(p, os.path.join(ROOT, "configs")) for p in CONFIGS]
+    for folder in ("synthetic", "cityscapes", "coco", "mapillary_vistas"):
+        assert any(n.startswith(folder + os.sep) for n in names), folder
+    for folder in ("cityscapes", "coco", "mapillary_vistas"):
+        for bb in ("X71", "WMNV2"):
+            assert any(n.startswith(folder) and f"_{bb}_" in n for n in names), (folder, bb)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_config_loads_and_model_builds(path):
+    cfg = load(path)
+    if os.path.basename(path).startswith("Base-"):
+        return  # a base: loads, its leaves build the models
+    model = build_model(cfg).eval()
+    c = cfg.MODEL.DEEPERLAB
+    h, w = 64, 96
+    with torch.no_grad():
+        (out,) = model([{"image": torch.randint(0, 255, (3, h - 5, w - 3)).float()}])
+    # outputs cropped back to the unpadded input size
+    assert out["sem_seg_logits"].shape == (c.NUM_CLASSES, h - 5, w - 3)
+    assert out["heatmap_logits"].shape == (NUM_KEYPOINTS, h - 5, w - 3)
+    assert out["short_offsets"].shape == (NUM_KEYPOINTS, 2, h - 5, w - 3)
+    assert out["long_offsets"].shape == (NUM_KEYPOINTS, 2, h - 5, w - 3)
+    assert out["mid_offsets"].shape == (NUM_EDGES, 2, h - 5, w - 3)
+    # the decoder's separable convs run with OUT_CHANNELS * block^2 channels (4096 in the paper)
+    shapes = model.backbone.output_shape()
+    block = shapes[c.IN_FEATURE].stride // shapes[c.LOW_LEVEL_FEATURE].stride
+    assert model.decoder.fuse[1][1].out_channels == c.DECODER.OUT_CHANNELS * block**2
+
+
+def test_paper_decoder_width():
+    cfg = load(os.path.join(ROOT, "configs/cityscapes/deeperlab_X71_os16_poly_90k_bs32_crop1024x2048.yaml"))
+    model = build_model(cfg)
+    assert model.decoder.fuse[1][1].out_channels == 4096
+    assert model.decoder.block_size == 4
+
+
+def test_resnet_backbone_by_config_alone():
+    cfg = load(
+        os.path.join(ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"),
+        "MODEL.BACKBONE.NAME", "build_resnet_backbone",
+        "MODEL.RESNETS.DEPTH", "18",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res5']",
+    )
+    model = build_model(cfg).eval()
+    assert model.decoder.block_size == 8  # res5 at stride 32, res2 at stride 4
+    assert model.size_divisibility == 32
+    with torch.no_grad():
+        (out,) = model([{"image": torch.zeros(3, 70, 90)}])
+    assert out["sem_seg_logits"].shape == (cfg.MODEL.DEEPERLAB.NUM_CLASSES, 70, 90)
+
+
+TINY = os.path.join(ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml")
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO", "1.5"], "MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO"),
+        (["MODEL.DEEPERLAB.NUM_CLASSES", "0"], "MODEL.DEEPERLAB.NUM_CLASSES"),
+        (["MODEL.DEEPERLAB.DECODER.KERNEL_SIZE", "6"], "MODEL.DEEPERLAB.DECODER.KERNEL_SIZE"),
+        (["MODEL.DEEPERLAB.NORM", "BatchNorm"], "MODEL.DEEPERLAB.NORM"),
+        (["MODEL.DEEPERLAB.IN_FEATURE", "res6"], "MODEL.DEEPERLAB.IN_FEATURE"),
+        (["MODEL.DEEPERLAB.LOW_LEVEL_FEATURE", "res3"], "MODEL.DEEPERLAB.LOW_LEVEL_FEATURE"),
+        (["MODEL.MOBILENETV2.OUTPUT_STRIDE", "12"], "MODEL.MOBILENETV2.OUTPUT_STRIDE"),
+        (["SOLVER.OPTIMIZER", "LBFGS"], "SOLVER.OPTIMIZER"),
+    ],
+)
+def test_wrong_config_value_names_the_key(opts, message):
+    cfg = load(TINY, *opts)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        build_model(cfg)
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    # yacs names the key: AssertionError from the command line, KeyError from a file
+    with pytest.raises(AssertionError, match="MODEL.DEEPERLAB.NOT_A_KEY"):
+        load(TINY, "MODEL.DEEPERLAB.NOT_A_KEY", "1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_BASE_: {TINY}\nMODEL:\n  DEEPERLAB:\n    NOT_A_KEY: 1\n")
+    with pytest.raises(KeyError, match="MODEL.DEEPERLAB.NOT_A_KEY"):
+        load(str(bad))
