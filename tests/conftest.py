@@ -1,0 +1,45 @@
+"""Shared fixtures: a small synthetic dataset generated once per test session."""
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "synthetic" / "deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+
+
+def load_prepare_synthetic():
+    spec = importlib.util.spec_from_file_location(
+        "prepare_synthetic", REPO / "datasets" / "prepare_synthetic.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A 6-train / 3-val synthetic dataset registered as ``test_synth_{train,val}``."""
+    from deeperlab_d2.data.datasets.synthetic import register_deeperlab_synthetic
+
+    root = tmp_path_factory.mktemp("datasets")
+    load_prepare_synthetic().prepare_synthetic(str(root), num_train=6, num_val=3, verbose=False)
+    register_deeperlab_synthetic(str(root), prefix="test_synth")
+    return root
+
+
+def tiny_cfg(*opts):
+    """The tiny synthetic config on CPU, with extra ``opts``."""
+    from detectron2.config import get_cfg
+
+    from deeperlab_d2 import add_deeperlab_config
+
+    cfg = get_cfg()
+    add_deeperlab_config(cfg)
+    cfg.merge_from_file(str(TINY_CONFIG))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
