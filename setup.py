@@ -1,4 +1,5 @@
 """Thin setup.py: metadata lives in pyproject.toml; this file only declares compiled extensions."""
+
 from setuptools import setup
 
 

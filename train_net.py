@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train / evaluate DeeperLab with Detectron2's DefaultTrainer.
 
-    python train_net.py --config-file configs/synthetic/<leaf>.yaml [--num-gpus N]
-    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
-    python train_net.py --config-file <cfg> --resume
+python train_net.py --config-file configs/synthetic/<leaf>.yaml [--num-gpus N]
+python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+python train_net.py --config-file <cfg> --resume
 """
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader

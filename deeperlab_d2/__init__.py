@@ -3,6 +3,7 @@
 Importing the package registers the meta-architecture ``DeeperLab``, the backbones
 ``build_xception71_backbone`` and ``build_mobilenetv2_backbone`` and the built-in datasets.
 """
+
 from . import data, modeling  # noqa: F401  (registration happens on import)
 from .config import add_deeperlab_config, check_deeperlab_config
 from .data import DeeperLabDatasetMapper, DeeperLabTargetGenerator

@@ -1,4 +1,5 @@
 """Config keys of deeperlab_d2: call :func:`add_deeperlab_config` once on a Detectron2 cfg."""
+
 from detectron2.config import CfgNode as CN
 
 
@@ -143,14 +144,24 @@ def check_deeperlab_config(cfg):
         "MODEL.DEEPERLAB.LOSS.MID_OFFSET_WEIGHT": non_negative,
         "MODEL.DEEPERLAB.LOSS.LONG_OFFSET_WEIGHT": non_negative,
         "MODEL.DEEPERLAB.LOSS.OFFSET_NORMALIZER": positive,
-        "INPUT.RANDOM_FLIP": (lambda v: v in ("none", "horizontal", "vertical"), "one of none, "
-                              "horizontal, vertical"),
+        "INPUT.RANDOM_FLIP": (
+            lambda v: v in ("none", "horizontal", "vertical"),
+            "one of none, horizontal, vertical",
+        ),
         "SOLVER.OPTIMIZER": (lambda v: v.upper() in ("SGD", "ADAM", "ADAMW"), "SGD, ADAM or ADAMW"),
         "SOLVER.POLY_LR_POWER": positive,
     }
     for key, (ok, expected) in rules.items():
         _require(cfg, key, ok, expected)
-    if cfg.MODEL.DEEPERLAB.NORM not in ("", "BN", "SyncBN", "GN", "FrozenBN", "nnSyncBN", "naiveSyncBN"):
+    if cfg.MODEL.DEEPERLAB.NORM not in (
+        "",
+        "BN",
+        "SyncBN",
+        "GN",
+        "FrozenBN",
+        "nnSyncBN",
+        "naiveSyncBN",
+    ):
         raise ValueError(
             f"config key MODEL.DEEPERLAB.NORM must be a Detectron2 norm name (BN, SyncBN, GN, "
             f"...), got {cfg.MODEL.DEEPERLAB.NORM!r}"

@@ -1,4 +1,5 @@
 """Optimizer and LR schedule choices of the DeeperLab configs (SOLVER.OPTIMIZER, WarmupPolyLR)."""
+
 import torch
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -40,7 +41,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def build_lr_scheduler(cfg, optimizer):
-    """"WarmupPolyLR" here; any other SOLVER.LR_SCHEDULER_NAME goes to Detectron2's builder."""
+    """ "WarmupPolyLR" here; any other SOLVER.LR_SCHEDULER_NAME goes to Detectron2's builder."""
     if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
         return d2_build_lr_scheduler(cfg, optimizer)
     end = cfg.SOLVER.POLY_LR_END / cfg.SOLVER.BASE_LR if cfg.SOLVER.BASE_LR > 0 else 0.0

@@ -1,4 +1,5 @@
 """Shared fixtures: a small synthetic dataset generated once per test session."""
+
 import importlib.util
 import os
 from pathlib import Path
@@ -6,7 +7,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "synthetic" / "deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+TINY_CONFIG = (
+    REPO / "configs" / "synthetic" / "deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+)
 
 
 def load_prepare_synthetic():

@@ -1,4 +1,5 @@
 """Every YAML under configs/ loads and its model builds and runs on CPU; bad values fail clearly."""
+
 import glob
 import os
 
@@ -55,7 +56,9 @@ def test_config_loads_and_model_builds(path):
 
 
 def test_paper_decoder_width():
-    cfg = load(os.path.join(ROOT, "configs/cityscapes/deeperlab_X71_os16_poly_90k_bs32_crop1024x2048.yaml"))
+    cfg = load(
+        os.path.join(ROOT, "configs/cityscapes/deeperlab_X71_os16_poly_90k_bs32_crop1024x2048.yaml")
+    )
     model = build_model(cfg)
     assert model.decoder.fuse[1][1].out_channels == 4096
     assert model.decoder.block_size == 4
@@ -63,11 +66,17 @@ def test_paper_decoder_width():
 
 def test_resnet_backbone_by_config_alone():
     cfg = load(
-        os.path.join(ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"),
-        "MODEL.BACKBONE.NAME", "build_resnet_backbone",
-        "MODEL.RESNETS.DEPTH", "18",
-        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-        "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res5']",
+        os.path.join(
+            ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+        ),
+        "MODEL.BACKBONE.NAME",
+        "build_resnet_backbone",
+        "MODEL.RESNETS.DEPTH",
+        "18",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        "64",
+        "MODEL.RESNETS.OUT_FEATURES",
+        "['res2', 'res5']",
     )
     model = build_model(cfg).eval()
     assert model.decoder.block_size == 8  # res5 at stride 32, res2 at stride 4
@@ -77,13 +86,18 @@ def test_resnet_backbone_by_config_alone():
     assert out["sem_seg_logits"].shape == (cfg.MODEL.DEEPERLAB.NUM_CLASSES, 70, 90)
 
 
-TINY = os.path.join(ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml")
+TINY = os.path.join(
+    ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+)
 
 
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO", "1.5"], "MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO"),
+        (
+            ["MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO", "1.5"],
+            "MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO",
+        ),
         (["MODEL.DEEPERLAB.NUM_CLASSES", "0"], "MODEL.DEEPERLAB.NUM_CLASSES"),
         (["MODEL.DEEPERLAB.DECODER.KERNEL_SIZE", "6"], "MODEL.DEEPERLAB.DECODER.KERNEL_SIZE"),
         (["MODEL.DEEPERLAB.NORM", "BatchNorm"], "MODEL.DEEPERLAB.NORM"),

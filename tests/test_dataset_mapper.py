@@ -1,15 +1,15 @@
 """The training mapper: targets on real synthetic records, and clear errors on bad files."""
+
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog
 
 from deeperlab_d2.data import DatasetFileError, DeeperLabDatasetMapper
 from deeperlab_d2.data.target_generator import NUM_EDGES, NUM_KEYPOINTS
-
-from conftest import tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,9 @@ def test_mapper_outputs(mapper):
     land_x = xs[None].float() + out["long_offsets"][:, 1, ys, xs]
     kps = out["keypoints"]
     for k in range(NUM_KEYPOINTS):
-        d = (land_y[k][:, None] - kps[None, :, k, 0]) ** 2 + (land_x[k][:, None] - kps[None, :, k, 1]) ** 2
+        d = (land_y[k][:, None] - kps[None, :, k, 0]) ** 2 + (
+            land_x[k][:, None] - kps[None, :, k, 1]
+        ) ** 2
         assert d.min(dim=1).values.max() < 1e-6
     # the semantic target agrees with the semantic PNG written by the prepare script (no flip
     # or resize can change a label's value; compare label histograms)
@@ -82,6 +84,8 @@ def test_mismatched_annotation_size_is_named(mapper, tmp_path):
     # a record whose image disagrees with its height/width names the image
     img = tmp_path / "img.jpg"
     shutil.copy(record["file_name"], img)
-    record = dict(DatasetCatalog.get("test_synth_train")[1], file_name=str(img), height=10, width=256)
+    record = dict(
+        DatasetCatalog.get("test_synth_train")[1], file_name=str(img), height=10, width=256
+    )
     with pytest.raises(DatasetFileError, match="img.jpg"):
         mapper(record)

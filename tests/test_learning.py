@@ -1,19 +1,22 @@
 """The tiny DeeperLab actually learns: it overfits two synthetic images."""
+
 import torch
+from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from deeperlab_d2.data import DeeperLabDatasetMapper
 
-from conftest import tiny_cfg
-
 
 def test_tiny_model_overfits_two_images(synthetic_root):
     torch.manual_seed(0)
     cfg = tiny_cfg(
-        "DATASETS.TRAIN", "('test_synth_train',)",
-        "INPUT.MIN_SIZE_TRAIN", "(192,)",
-        "INPUT.RANDOM_FLIP", "none",
+        "DATASETS.TRAIN",
+        "('test_synth_train',)",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(192,)",
+        "INPUT.RANDOM_FLIP",
+        "none",
     )
     mapper = DeeperLabDatasetMapper(cfg, True)
     batch = [mapper(r) for r in DatasetCatalog.get("test_synth_train")[:2]]
@@ -23,7 +26,11 @@ def test_tiny_model_overfits_two_images(synthetic_root):
     for _ in range(80):
         losses = model(batch)
         assert set(losses) == {
-            "loss_sem_seg", "loss_heatmap", "loss_short_offset", "loss_mid_offset", "loss_long_offset"
+            "loss_sem_seg",
+            "loss_heatmap",
+            "loss_short_offset",
+            "loss_mid_offset",
+            "loss_long_offset",
         }
         total = sum(losses.values())
         history.append({k: v.item() for k, v in losses.items()} | {"total": total.item()})

@@ -1,4 +1,5 @@
 """Losses and decoder building blocks on hand-built inputs."""
+
 import math
 
 import pytest
@@ -69,10 +70,14 @@ def test_sigmoid_ce_respects_weights():
     logits = torch.tensor([[[[0.0, 2.0]]]])
     targets = torch.tensor([[[[1.0, 0.0]]]])
     w = torch.tensor([[[1.0, 0.0]]])
-    torch.testing.assert_close(weighted_sigmoid_cross_entropy(logits, targets, w), torch.tensor(math.log(2)))
+    torch.testing.assert_close(
+        weighted_sigmoid_cross_entropy(logits, targets, w), torch.tensor(math.log(2))
+    )
     w = torch.tensor([[[1.0, 1.0]]])
     expected = (math.log(2) + math.log(1 + math.exp(2))) / 2
-    torch.testing.assert_close(weighted_sigmoid_cross_entropy(logits, targets, w), torch.tensor(expected))
+    torch.testing.assert_close(
+        weighted_sigmoid_cross_entropy(logits, targets, w), torch.tensor(expected)
+    )
 
 
 def test_masked_l1():
@@ -82,7 +87,9 @@ def test_masked_l1():
     target[0, 1, :, 0, 2] = torch.tensor([100.0, 100.0])  # masked out below
     mask = torch.zeros(1, 2, 1, 3)
     mask[0, 0, 0, :2] = 1  # two supervised (pixel, field) pairs of field 0
-    torch.testing.assert_close(masked_l1_loss(pred, target, mask, normalizer=7.0), torch.tensor(0.5))
+    torch.testing.assert_close(
+        masked_l1_loss(pred, target, mask, normalizer=7.0), torch.tensor(0.5)
+    )
     shared = torch.tensor([[[1.0, 0.0, 0.0]]])  # [B, H, W] mask shared by both fields
     torch.testing.assert_close(masked_l1_loss(pred, target, shared, 1.0), torch.tensor(3.5))
     assert masked_l1_loss(pred, target, torch.zeros(1, 1, 3)).item() == 0.0

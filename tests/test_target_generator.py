@@ -1,4 +1,5 @@
 """Exact DeeperLab targets on hand-built panoptic maps."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,11 +13,15 @@ from deeperlab_d2.data.target_generator import (
 )
 
 THING, STUFF, IGNORE = 0, 3, 255
-TL, TR, BL, BR = (KEYPOINT_NAMES.index(n) for n in ("top_left", "top_right", "bottom_left", "bottom_right"))
+TL, TR, BL, BR = (
+    KEYPOINT_NAMES.index(n) for n in ("top_left", "top_right", "bottom_left", "bottom_right")
+)
 
 
 def make_gen(radius=3.0, **kw):
-    return DeeperLabTargetGenerator(ignore_label=IGNORE, thing_ids=[THING, 1, 2], keypoint_radius=radius, **kw)
+    return DeeperLabTargetGenerator(
+        ignore_label=IGNORE, thing_ids=[THING, 1, 2], keypoint_radius=radius, **kw
+    )
 
 
 def stuff_background(h, w):
@@ -26,7 +31,9 @@ def stuff_background(h, w):
 
 def disk_count(radius):
     r = int(radius)
-    return sum(1 for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy * dy + dx * dx <= radius**2)
+    return sum(
+        1 for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy * dy + dx * dx <= radius**2
+    )
 
 
 def test_constants():
@@ -59,7 +66,9 @@ def test_l_shape_keypoints_offsets_and_weights():
     # long-range offsets: keypoint - pixel, (dy, dx)
     assert t["long_offsets"][TR, :, 5, 5].tolist() == [0.0, 19.0]
     assert t["long_offsets"][BL, :, 5, 9].tolist() == [19.0, -4.0]
-    np.testing.assert_allclose(t["long_offsets"][CENTER, :, 24, 24].numpy(), [cy - 24, cx - 24], atol=1e-5)
+    np.testing.assert_allclose(
+        t["long_offsets"][CENTER, :, 24, 24].numpy(), [cy - 24, cx - 24], atol=1e-5
+    )
     assert t["long_offsets"][:, :, ~mask].abs().sum() == 0  # zero outside the instance
 
     # semantic target and weights: area 175 < 4096 -> weight 3
@@ -77,11 +86,15 @@ def test_l_shape_keypoints_offsets_and_weights():
     assert t["short_offsets"][TL, :, 8, 7].tolist() == [0.0, 0.0]
     # middle-range offsets TL -> center and center -> BR, inside the source disks
     e_tl_c = KEYPOINT_EDGES.index((TL, CENTER))
-    np.testing.assert_allclose(t["mid_offsets"][e_tl_c, :, 6, 6].numpy(), [cy - 6, cx - 6], atol=1e-5)
+    np.testing.assert_allclose(
+        t["mid_offsets"][e_tl_c, :, 6, 6].numpy(), [cy - 6, cx - 6], atol=1e-5
+    )
     e_c_br = KEYPOINT_EDGES.index((CENTER, BR))
     y, x = 18, 11  # inside the disk of the center (17.71, 11.29)
     assert t["heatmap"][CENTER, y, x] == 1
-    np.testing.assert_allclose(t["mid_offsets"][e_c_br, :, y, x].numpy(), [24 - y, 24 - x], atol=1e-5)
+    np.testing.assert_allclose(
+        t["mid_offsets"][e_c_br, :, y, x].numpy(), [24 - y, 24 - x], atol=1e-5
+    )
     assert t["mid_offsets"][e_c_br][:, t["heatmap"][CENTER] == 0].abs().sum() == 0
     assert torch.equal(t["heatmap_weights"], torch.ones(40, 50))
 
@@ -149,7 +162,9 @@ def test_crowd_and_void_are_ignored():
     t = make_gen(radius=3.0)(pan, segs)
     crowd, void = pan == 7, pan == 0
     assert t["keypoints"].shape == (1, 5, 2)  # the crowd has no keypoints
-    assert (t["sem_seg"].numpy()[crowd] == IGNORE).all() and (t["sem_seg"].numpy()[void] == IGNORE).all()
+    assert (t["sem_seg"].numpy()[crowd] == IGNORE).all() and (
+        t["sem_seg"].numpy()[void] == IGNORE
+    ).all()
     assert (t["sem_seg_weights"].numpy()[crowd | void] == 0).all()
     hw = t["heatmap_weights"].numpy()
     assert (hw[crowd] == 0).all() and (hw[void] == 0).all() and (hw[~(crowd | void)] == 1).all()
@@ -177,7 +192,14 @@ def test_dtypes_and_bad_input():
     pan, segs = l_shape()
     t = make_gen()(pan, segs)
     assert t["sem_seg"].dtype == torch.int64
-    for k in ("sem_seg_weights", "heatmap", "heatmap_weights", "short_offsets", "mid_offsets", "long_offsets"):
+    for k in (
+        "sem_seg_weights",
+        "heatmap",
+        "heatmap_weights",
+        "short_offsets",
+        "mid_offsets",
+        "long_offsets",
+    ):
         assert t[k].dtype == torch.float32, k
     with pytest.raises(ValueError, match="panoptic must be"):
         make_gen()(pan[None], segs)

@@ -1,4 +1,5 @@
 """Training dataset mapper: read, augment, convert, then make the DeeperLab targets."""
+
 import copy
 import logging
 from typing import Callable, List, Optional
@@ -61,7 +62,9 @@ class DeeperLabDatasetMapper:
     def from_config(cls, cfg, is_train: bool = True):
         augs = [
             T.ResizeShortestEdge(
-                cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+                cfg.INPUT.MIN_SIZE_TRAIN,
+                cfg.INPUT.MAX_SIZE_TRAIN,
+                cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
             )
         ]
         if cfg.INPUT.CROP.ENABLED:

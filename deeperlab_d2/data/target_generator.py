@@ -12,6 +12,7 @@ which may lie outside a non-convex mask).
 Keypoint relation graph: a directed star between the center and every corner, both ways,
 ``E = 8`` edges, listed in :data:`KEYPOINT_EDGES` as ``(source, target)`` keypoint indices.
 """
+
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -107,7 +108,7 @@ class DeeperLabTargetGenerator:
         if panoptic.ndim != 2:
             raise ValueError(f"panoptic must be [H, W], got shape {panoptic.shape}")
         height, width = panoptic.shape
-        P, E, R = NUM_KEYPOINTS, NUM_EDGES, self.keypoint_radius
+        P, R = NUM_KEYPOINTS, self.keypoint_radius
 
         sem_seg = np.full((height, width), self.ignore_label, dtype=np.int64)
         sem_weights = np.ones((height, width), dtype=np.float32)
@@ -176,7 +177,9 @@ class DeeperLabTargetGenerator:
         short_offsets = np.zeros((P, 2, height, width), dtype=np.float32)
         mid_offsets = np.zeros((E, 2, height, width), dtype=np.float32)
         best = np.full((P, height, width), np.inf, dtype=np.float64)
-        edges_from = [[e for e, (src, _) in enumerate(KEYPOINT_EDGES) if src == k] for k in range(P)]
+        edges_from = [
+            [e for e, (src, _) in enumerate(KEYPOINT_EDGES) if src == k] for k in range(P)
+        ]
         r2 = radius * radius
         for kps in keypoints:
             for k in range(P):

@@ -5,6 +5,7 @@ is reduced by a 1x1 conv and folded into the encoder grid with space-to-depth, c
 the ASPP output, passed through two large-kernel depthwise-separable convs and unfolded back to
 stride 4 with depth-to-space.
 """
+
 from typing import Dict, Optional
 
 import torch

@@ -1,4 +1,5 @@
 """DeeperLab losses (SPEC §3): weighted bootstrapped CE, sigmoid CE heatmaps, masked L1 offsets."""
+
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,5 @@
 """The DeeperLab meta-architecture (SPEC §1-3)."""
+
 from typing import Dict, List, Sequence
 
 import torch
@@ -11,7 +12,11 @@ from torch import nn
 from ..config import check_deeperlab_config
 from ..data.target_generator import KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS
 from .decoder import DeeperLabDecoder, DeeperLabHeads
-from .losses import masked_l1_loss, weighted_bootstrapped_cross_entropy, weighted_sigmoid_cross_entropy
+from .losses import (
+    masked_l1_loss,
+    weighted_bootstrapped_cross_entropy,
+    weighted_sigmoid_cross_entropy,
+)
 
 # Target tensors the dataset mapper adds to each dataset dict, with their padding values.
 TARGET_PAD_VALUES = {
