@@ -1,11 +1,81 @@
-"""Thin setup.py: metadata lives in pyproject.toml; this file only declares compiled extensions."""
+"""Thin setup.py: metadata lives in pyproject.toml; this file only declares compiled extensions.
+
+``deeperlab_d2._C`` holds the keypoint Hough-voting op (``deeperlab_d2/layers/csrc``): the CPU
+kernel always, the CUDA kernel too when nvcc is found (``CUDA_HOME``, or ``FORCE_CUDA=1``). A
+GPU is not needed to compile the CUDA kernel: set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") when
+there is none to detect. ``DEEPERLAB_NO_CUDA=1`` builds the CPU kernel only.
+
+Build in place (no Detectron2 needed): ``python setup.py build_ext --inplace``.
+"""
+
+import os
+import sys
 
 from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+CSRC = os.path.join("deeperlab_d2", "layers", "csrc")
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _build_cuda():
+    """Whether to compile the CUDA kernel: never with DEEPERLAB_NO_CUDA=1, always with
+    FORCE_CUDA=1, otherwise when torch is a CUDA build and nvcc exists under CUDA_HOME. Whether a
+    GPU is visible does not matter, so that a CUDA compile error fails CI on a CPU machine."""
+    import torch
+
+    if _env_flag("DEEPERLAB_NO_CUDA"):
+        return False
+    if _env_flag("FORCE_CUDA"):
+        return True
+    if CUDA_HOME is None or torch.version.cuda is None:
+        return False
+    if not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return False
+    cudart = [os.path.join(CUDA_HOME, d, "libcudart.so") for d in ("lib64", "lib")]
+    if not any(os.path.exists(p) for p in cudart):
+        # e.g. nvcc is a wrapper script in /usr/local/bin and torch guessed CUDA_HOME=/usr/local
+        sys.exit(
+            f"deeperlab_d2: nvcc found under CUDA_HOME={CUDA_HOME} but no libcudart.so in its"
+            " lib64/ or lib/: set CUDA_HOME to the CUDA toolkit (e.g. /usr/local/cuda), or set"
+            " DEEPERLAB_NO_CUDA=1 to build the CPU kernel only"
+        )
+    return True
 
 
 def get_extensions():
-    # The Hough-voting op (deeperlab_d2/layers/csrc) is added here by the inference work.
-    return []
+    sources = [os.path.join(CSRC, "hough_voting.cpp")]
+    define_macros = []
+    # -fno-trapping-math lets GCC vectorize the branch-free first pass of the CPU kernel (NaN/inf
+    # are still handled exactly: it only drops the assumption that FP exceptions are observed).
+    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math"]}
+    extra_link_args = []
+    if sys.platform != "win32":
+        # at::parallel_for runs OpenMP code inlined from the ATen headers: without -fopenmp it
+        # silently runs on one thread. The libgomp already loaded by torch is the one used.
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
+    if _build_cuda():
+        print(f"deeperlab_d2: building the CPU and CUDA kernels (CUDA_HOME={CUDA_HOME})")
+        sources.append(os.path.join(CSRC, "hough_voting_cuda.cu"))
+        define_macros.append(("WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3"]
+        extension = CUDAExtension
+    else:
+        print("deeperlab_d2: building the CPU kernel only (no nvcc, or DEEPERLAB_NO_CUDA=1)")
+        extension = CppExtension
+    return [
+        extension(
+            "deeperlab_d2._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
+        )
+    ]
 
 
-setup(ext_modules=get_extensions())
+setup(ext_modules=get_extensions(), cmdclass={"build_ext": BuildExtension})

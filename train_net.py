@@ -12,15 +12,20 @@ from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 
 from deeperlab_d2 import DeeperLabDatasetMapper, add_deeperlab_config
+from deeperlab_d2.evaluation import build_evaluator
 from deeperlab_d2.solver import build_lr_scheduler, build_optimizer
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the DeeperLab dataset mapper, optimizer and poly LR schedule."""
+    """DefaultTrainer with the DeeperLab mapper, evaluators, optimizer and poly LR schedule."""
 
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=DeeperLabDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -81,6 +81,35 @@ def add_deeperlab_config(cfg):
     # Offsets (px) are divided by this before the L1 loss.
     _C.MODEL.DEEPERLAB.LOSS.OFFSET_NORMALIZER = 25.0
 
+    # Post-processing (inference): every threshold of SPEC §4.
+    _C.MODEL.DEEPERLAB.POST_PROCESS = CN()
+    # Recursive refinement steps of long- and middle-range offsets.
+    _C.MODEL.DEEPERLAB.POST_PROCESS.REFINE_STEPS = 2
+    # Weights of the short- and long-range Hough maps in their fused sum (both maps are
+    # normalized by the disk area pi * KEYPOINT_RADIUS^2).
+    _C.MODEL.DEEPERLAB.POST_PROCESS.SHORT_VOTE_WEIGHT = 1.0
+    _C.MODEL.DEEPERLAB.POST_PROCESS.LONG_VOTE_WEIGHT = 1.0
+    # Pixels whose keypoint probability is below this cast no short-range vote.
+    _C.MODEL.DEEPERLAB.POST_PROCESS.MIN_VOTE_PROB = 0.01
+    # Local maxima: max-pool window and minimum fused-map value; at most MAX_KEYPOINTS per type.
+    _C.MODEL.DEEPERLAB.POST_PROCESS.PEAK_KERNEL = 5
+    _C.MODEL.DEEPERLAB.POST_PROCESS.PEAK_THRESHOLD = 0.01
+    _C.MODEL.DEEPERLAB.POST_PROCESS.MAX_KEYPOINTS = 200
+    # Expected-OKS rescoring: Gaussian width (px) and minimum keypoint score.
+    _C.MODEL.DEEPERLAB.POST_PROCESS.OKS_SIGMA = 3.0
+    _C.MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_THRESHOLD = 0.1
+    # A keypoint this close (px) to the same-type keypoint of a detected instance is rejected.
+    _C.MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_NMS_RADIUS = 10.0
+    _C.MODEL.DEEPERLAB.POST_PROCESS.INSTANCE_SCORE_THRESHOLD = 0.1
+    _C.MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD = 0.7
+    _C.MODEL.DEEPERLAB.POST_PROCESS.MAX_INSTANCES = 200
+    # Segments smaller than these (px, at the network input) become void.
+    _C.MODEL.DEEPERLAB.POST_PROCESS.THING_AREA = 0
+    _C.MODEL.DEEPERLAB.POST_PROCESS.STUFF_AREA = 2048
+    # Outputs of the meta-architecture in eval mode.
+    _C.MODEL.DEEPERLAB.POST_PROCESS.PANOPTIC_ON = True
+    _C.MODEL.DEEPERLAB.POST_PROCESS.INSTANCES_ON = True
+
     # ---------------------------------------------------------------------------------------
     # Data and solver
     # ---------------------------------------------------------------------------------------
@@ -150,6 +179,24 @@ def check_deeperlab_config(cfg):
         ),
         "SOLVER.OPTIMIZER": (lambda v: v.upper() in ("SGD", "ADAM", "ADAMW"), "SGD, ADAM or ADAMW"),
         "SOLVER.POLY_LR_POWER": positive,
+        "MODEL.DEEPERLAB.POST_PROCESS.REFINE_STEPS": (
+            lambda v: isinstance(v, int) and v >= 0,
+            "an integer >= 0",
+        ),
+        "MODEL.DEEPERLAB.POST_PROCESS.SHORT_VOTE_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.LONG_VOTE_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.MIN_VOTE_PROB": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.PEAK_KERNEL": odd_kernel,
+        "MODEL.DEEPERLAB.POST_PROCESS.PEAK_THRESHOLD": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.MAX_KEYPOINTS": positive_int,
+        "MODEL.DEEPERLAB.POST_PROCESS.OKS_SIGMA": positive,
+        "MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_THRESHOLD": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_NMS_RADIUS": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.INSTANCE_SCORE_THRESHOLD": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+        "MODEL.DEEPERLAB.POST_PROCESS.MAX_INSTANCES": positive_int,
+        "MODEL.DEEPERLAB.POST_PROCESS.THING_AREA": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.STUFF_AREA": non_negative,
     }
     for key, (ok, expected) in rules.items():
         _require(cfg, key, ok, expected)
@@ -166,3 +213,28 @@ def check_deeperlab_config(cfg):
             f"config key MODEL.DEEPERLAB.NORM must be a Detectron2 norm name (BN, SyncBN, GN, "
             f"...), got {cfg.MODEL.DEEPERLAB.NORM!r}"
         )
+
+
+def post_process_config(cfg):
+    """The :class:`deeperlab_d2.layers.post_processing.PostProcessConfig` of a cfg."""
+    from .layers.post_processing import PostProcessConfig
+
+    p = cfg.MODEL.DEEPERLAB.POST_PROCESS
+    return PostProcessConfig(
+        keypoint_radius=float(cfg.MODEL.DEEPERLAB.TARGETS.KEYPOINT_RADIUS),
+        refine_steps=p.REFINE_STEPS,
+        short_vote_weight=p.SHORT_VOTE_WEIGHT,
+        long_vote_weight=p.LONG_VOTE_WEIGHT,
+        min_vote_prob=p.MIN_VOTE_PROB,
+        peak_kernel=p.PEAK_KERNEL,
+        peak_threshold=p.PEAK_THRESHOLD,
+        max_keypoints=p.MAX_KEYPOINTS,
+        oks_sigma=p.OKS_SIGMA,
+        keypoint_threshold=p.KEYPOINT_THRESHOLD,
+        keypoint_nms_radius=p.KEYPOINT_NMS_RADIUS,
+        instance_score_threshold=p.INSTANCE_SCORE_THRESHOLD,
+        box_nms_threshold=p.BOX_NMS_THRESHOLD,
+        max_instances=p.MAX_INSTANCES,
+        thing_area=p.THING_AREA,
+        stuff_area=p.STUFF_AREA,
+    )

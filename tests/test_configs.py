@@ -42,13 +42,12 @@ def test_config_loads_and_model_builds(path):
     c = cfg.MODEL.DEEPERLAB
     h, w = 64, 96
     with torch.no_grad():
-        (out,) = model([{"image": torch.randint(0, 255, (3, h - 5, w - 3)).float()}])
-    # outputs cropped back to the unpadded input size
-    assert out["sem_seg_logits"].shape == (c.NUM_CLASSES, h - 5, w - 3)
-    assert out["heatmap_logits"].shape == (NUM_KEYPOINTS, h - 5, w - 3)
-    assert out["short_offsets"].shape == (NUM_KEYPOINTS, 2, h - 5, w - 3)
-    assert out["long_offsets"].shape == (NUM_KEYPOINTS, 2, h - 5, w - 3)
-    assert out["mid_offsets"].shape == (NUM_EDGES, 2, h - 5, w - 3)
+        out = model.predict(torch.randn(1, 3, h, w))
+    assert out["sem_seg"].shape == (1, c.NUM_CLASSES, h, w)
+    assert out["heatmap"].shape == (1, NUM_KEYPOINTS, h, w)
+    assert out["short_offsets"].shape == (1, NUM_KEYPOINTS, 2, h, w)
+    assert out["long_offsets"].shape == (1, NUM_KEYPOINTS, 2, h, w)
+    assert out["mid_offsets"].shape == (1, NUM_EDGES, 2, h, w)
     # the decoder's separable convs run with OUT_CHANNELS * block^2 channels (4096 in the paper)
     shapes = model.backbone.output_shape()
     block = shapes[c.IN_FEATURE].stride // shapes[c.LOW_LEVEL_FEATURE].stride
@@ -83,7 +82,8 @@ def test_resnet_backbone_by_config_alone():
     assert model.size_divisibility == 32
     with torch.no_grad():
         (out,) = model([{"image": torch.zeros(3, 70, 90)}])
-    assert out["sem_seg_logits"].shape == (cfg.MODEL.DEEPERLAB.NUM_CLASSES, 70, 90)
+    assert out["sem_seg"].shape == (cfg.MODEL.DEEPERLAB.NUM_CLASSES, 70, 90)
+    assert out["panoptic_seg"][0].shape == (70, 90)
 
 
 TINY = os.path.join(

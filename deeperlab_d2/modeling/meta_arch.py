@@ -1,16 +1,19 @@
 """The DeeperLab meta-architecture (SPEC §1-3)."""
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.structures import ImageList
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, ImageList, Instances
 from torch import nn
 
-from ..config import check_deeperlab_config
+from ..config import check_deeperlab_config, post_process_config
 from ..data.target_generator import KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS
+from ..layers.post_processing import PostProcessConfig, deeperlab_panoptic_inference
 from .decoder import DeeperLabDecoder, DeeperLabHeads
 from .losses import (
     masked_l1_loss,
@@ -47,11 +50,12 @@ class DeeperLab(nn.Module):
     short-, middle- and long-range offsets), all predicted at stride 4 and upsampled to the
     (padded) input resolution.
 
-    In training mode ``forward`` returns the loss dict. In eval mode it currently returns, per
-    image, the raw head outputs cropped to the image's (resized) input size:
-    ``{"sem_seg_logits": [C, h, w], "heatmap_logits": [P, h, w], "short_offsets": [P, 2, h, w],
-    "mid_offsets": [E, 2, h, w], "long_offsets": [P, 2, h, w]}``, offsets (dy, dx) in pixels of
-    that input. Panoptic post-processing arrives with the inference issue.
+    In training mode ``forward`` returns the loss dict. In eval mode it returns, per image,
+    Detectron2's standard outputs at the image's original ``height`` x ``width``:
+    ``sem_seg`` [C, H, W] logits, ``panoptic_seg`` (int32 id map, segments_info with
+    ``id``, ``category_id`` (contiguous), ``isthing``, ``score``, ``area``) and ``instances``
+    (``pred_masks``, ``pred_boxes``, ``pred_classes``, ``scores``) of the thing segments.
+    The raw head outputs are available from :meth:`predict`.
     """
 
     @configurable
@@ -74,6 +78,10 @@ class DeeperLab(nn.Module):
         mid_offset_loss_weight: float = 0.25,
         long_offset_loss_weight: float = 0.1,
         offset_normalizer: float = 25.0,
+        thing_ids=None,
+        post_process: Optional[PostProcessConfig] = None,
+        panoptic_on: bool = True,
+        instances_on: bool = True,
     ):
         """
         Args:
@@ -84,6 +92,9 @@ class DeeperLab(nn.Module):
             offset_normalizer: the offset heads predict offsets divided by this value (better
                 conditioned); outputs are multiplied back to pixels, and the L1 losses compare
                 offsets divided by it.
+            thing_ids: contiguous ids of the thing classes (needed for inference).
+            post_process: thresholds of the panoptic post-processing.
+            panoptic_on, instances_on: which inference outputs to return (``sem_seg`` always).
             others: loss weights, see ``add_deeperlab_config``.
         """
         super().__init__()
@@ -103,6 +114,10 @@ class DeeperLab(nn.Module):
         self.mid_offset_loss_weight = mid_offset_loss_weight
         self.long_offset_loss_weight = long_offset_loss_weight
         self.offset_normalizer = offset_normalizer
+        self.thing_ids = None if thing_ids is None else list(thing_ids)
+        self.post_process = post_process or PostProcessConfig()
+        self.panoptic_on = panoptic_on
+        self.instances_on = instances_on
 
     @classmethod
     def from_config(cls, cfg):
@@ -152,7 +167,18 @@ class DeeperLab(nn.Module):
         size_div = c.SIZE_DIVISIBILITY
         if size_div <= 0:
             size_div = max(high.stride, 4 * (high.stride // low.stride))
+        datasets = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+        thing_ids = None
+        if datasets:
+            meta = MetadataCatalog.get(datasets[0])
+            if hasattr(meta, "thing_dataset_id_to_contiguous_id"):
+                thing_ids = sorted(meta.thing_dataset_id_to_contiguous_id.values())
+        p = c.POST_PROCESS
         return {
+            "thing_ids": thing_ids,
+            "post_process": post_process_config(cfg),
+            "panoptic_on": p.PANOPTIC_ON,
+            "instances_on": p.INSTANCES_ON,
             "backbone": backbone,
             "decoder": decoder,
             "heads": heads,
@@ -207,17 +233,45 @@ class DeeperLab(nn.Module):
         if self.training:
             targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
             return self.losses(outputs, targets)
-        results = []
-        for i, (h, w) in enumerate(images.image_sizes):
-            results.append(
-                {
-                    "sem_seg_logits": outputs["sem_seg"][i, :, :h, :w],
-                    "heatmap_logits": outputs["heatmap"][i, :, :h, :w],
-                    "short_offsets": outputs["short_offsets"][i, ..., :h, :w],
-                    "mid_offsets": outputs["mid_offsets"][i, ..., :h, :w],
-                    "long_offsets": outputs["long_offsets"][i, ..., :h, :w],
-                }
+        return self.inference(outputs, batched_inputs, images.image_sizes)
+
+    def inference(self, outputs: Dict[str, torch.Tensor], batched_inputs, image_sizes):
+        """Post-process the head outputs of a batch into Detectron2's standard outputs."""
+        panoptic = [None] * len(image_sizes)
+        if self.panoptic_on or self.instances_on:
+            if self.thing_ids is None:
+                raise ValueError(
+                    "DeeperLab inference needs the thing classes: DATASETS.TEST (or TRAIN) must "
+                    "name a registered dataset with thing_dataset_id_to_contiguous_id metadata"
+                )
+            panoptic = deeperlab_panoptic_inference(
+                outputs["sem_seg"],
+                outputs["heatmap"],
+                outputs["short_offsets"],
+                outputs["mid_offsets"],
+                outputs["long_offsets"],
+                self.thing_ids,
+                self.post_process,
+                image_sizes,
             )
+        results = []
+        for i, (image_size, inputs) in enumerate(zip(image_sizes, batched_inputs)):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            res = {"sem_seg": sem_seg_postprocess(outputs["sem_seg"][i], image_size, height, width)}
+            if panoptic[i] is not None:
+                pan = panoptic[i]["panoptic"]
+                if tuple(pan.shape) != (height, width):
+                    pan = F.interpolate(
+                        pan[None, None].float(), size=(height, width), mode="nearest"
+                    )
+                    pan = pan[0, 0].to(torch.int32)
+                segments = panoptic[i]["segments_info"]
+                if self.panoptic_on:
+                    res["panoptic_seg"] = (pan, segments)
+                if self.instances_on:
+                    res["instances"] = panoptic_to_instances(pan, segments)
+            results.append(res)
         return results
 
     def prepare_targets(self, batched_inputs: List[dict], size) -> Dict[str, torch.Tensor]:
@@ -265,3 +319,24 @@ class DeeperLab(nn.Module):
                 norm,
             ),
         }
+
+
+def panoptic_to_instances(panoptic: torch.Tensor, segments_info: List[dict]) -> Instances:
+    """Thing segments of a panoptic result as Detectron2 ``Instances`` (masks, boxes, classes,
+    scores), at the panoptic map's resolution."""
+    things = [s for s in segments_info if s["isthing"]]
+    result = Instances(tuple(panoptic.shape))
+    if things:
+        ids = torch.tensor([s["id"] for s in things], device=panoptic.device)
+        masks = panoptic[None] == ids[:, None, None]
+    else:
+        masks = torch.zeros((0, *panoptic.shape), dtype=torch.bool, device=panoptic.device)
+    result.pred_masks = masks
+    result.pred_boxes = BitMasks(masks).get_bounding_boxes()
+    result.pred_classes = torch.tensor(
+        [s["category_id"] for s in things], dtype=torch.int64, device=panoptic.device
+    )
+    result.scores = torch.tensor(
+        [s["score"] for s in things], dtype=torch.float32, device=panoptic.device
+    )
+    return result

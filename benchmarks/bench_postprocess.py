@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""Benchmark of DeeperLab's post-processing vs Detectron2's Panoptic-DeepLab post-processing.
+
+One run, same inputs: a 1025x2049 (and 513x1025) scene with ~30 thing instances and 3 stuff
+regions; DeeperLab head outputs made from its targets (R = 25) with noise added; Panoptic-DeepLab
+inputs (semantic labels, center heatmap with sigma 8, center offsets) from the same scene.
+Times (median of --repeats after a warm-up):
+
+* the Hough-voting op vs its pure-PyTorch reference (K = 5);
+* each post-processing stage and the whole ``deeperlab_panoptic_inference``;
+* ``detectron2.projects.panoptic_deeplab.post_processing.get_panoptic_segmentation``;
+
+and the peak extra resident memory of the whole post-processing (Linux: VmHWM after resetting
+it through /proc/self/clear_refs, minus VmRSS before the call).
+
+    python benchmarks/bench_postprocess.py [--sizes 1025x2049,513x1025] [--repeats 3]
+"""
+
+import argparse
+import ctypes
+import gc
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from deeperlab_d2.data.target_generator import DeeperLabTargetGenerator
+from deeperlab_d2.layers import compiled_op_available, hough_voting, hough_voting_reference
+from deeperlab_d2.layers import post_processing as pp
+
+THING_IDS = [0, 1, 2]
+NUM_CLASSES = 6
+
+
+def make_scene(h, w, num_instances=30, seed=0):
+    """Panoptic ids + segments_info: 3 stuff bands and ``num_instances`` ellipses/boxes."""
+    rng = np.random.default_rng(seed)
+    pan = np.zeros((h, w), np.int64)
+    segs = []
+    for i, c in enumerate((3, 4, 5)):
+        pan[i * h // 3 : (i + 1) * h // 3] = 1 + i
+        segs.append({"id": 1 + i, "category_id": c})
+    yy, xx = np.mgrid[:h, :w]
+    for j in range(num_instances):
+        sid = 100 + j
+        size = float(np.exp(rng.uniform(np.log(20), np.log(300))))
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        if j % 2:
+            m = ((yy - cy) / (size / 2)) ** 2 + ((xx - cx) / (size / 1.5)) ** 2 <= 1
+        else:
+            m = (np.abs(yy - cy) < size / 2) & (np.abs(xx - cx) < size / 3)
+        pan[m] = sid
+        segs.append({"id": sid, "category_id": THING_IDS[j % 3]})
+    present = set(np.unique(pan).tolist())
+    return pan, [s for s in segs if s["id"] in present]
+
+
+def deeperlab_inputs(pan, segs, rng):
+    gen = DeeperLabTargetGenerator(255, THING_IDS, keypoint_radius=25)
+    t = gen(pan, segs)
+    sem = torch.zeros(pan.shape, dtype=torch.long)
+    for s in segs:
+        sem[torch.from_numpy(pan == s["id"])] = s["category_id"]
+    logits = torch.nn.functional.one_hot(sem, NUM_CLASSES).permute(2, 0, 1).float() * 4
+    logits += torch.from_numpy(rng.normal(0, 1, logits.shape).astype(np.float32))
+    heat = torch.where(t["heatmap"] > 0, 4.0, -4.0)
+    heat += torch.from_numpy(rng.normal(0, 1, heat.shape).astype(np.float32))
+
+    def noisy(x):
+        return x + torch.from_numpy(rng.normal(0, 0.5, x.shape).astype(np.float32))
+
+    return [
+        logits[None],
+        heat[None],
+        noisy(t["short_offsets"])[None],
+        noisy(t["mid_offsets"])[None],
+        noisy(t["long_offsets"])[None],
+    ]
+
+
+def panoptic_deeplab_inputs(pan, segs):
+    h, w = pan.shape
+    sem = torch.zeros(1, h, w, dtype=torch.long)
+    center = torch.zeros(1, h, w)
+    offsets = torch.zeros(2, h, w)
+    yy = torch.arange(h, dtype=torch.float32)[:, None]
+    xx = torch.arange(w, dtype=torch.float32)[None, :]
+    for s in segs:
+        m = torch.from_numpy(pan == s["id"])
+        sem[0][m] = s["category_id"]
+        if s["category_id"] in THING_IDS:
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            cy, cx = ys.float().mean(), xs.float().mean()
+            g = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 8.0**2))
+            center[0] = torch.maximum(center[0], g)
+            offsets[0][m] = cy - ys.float()
+            offsets[1][m] = cx - xs.float()
+    return sem, center, offsets
+
+
+def timeit(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000.0
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_extra_memory(fn):
+    """Peak extra resident memory (bytes) of one call of ``fn`` (Linux, glibc only).
+
+    Freed heap memory is first handed back to the OS (``malloc_trim``) so that the call's
+    allocations show up as resident memory growth.
+    """
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - base
+
+
+def bench_size(h, w, repeats, rng):
+    pan, segs = make_scene(h, w)
+    n_things = sum(s["category_id"] in THING_IDS for s in segs)
+    inputs = deeperlab_inputs(pan, segs, rng)
+    cfg = pp.PostProcessConfig(keypoint_radius=25.0)
+    sem_logits, heat_logits, short, mid, long = inputs
+    rows = []
+
+    # the op vs the reference, on the short-range votes
+    weights = heat_logits.sigmoid().contiguous()
+    op_ms = timeit(lambda: hough_voting(short, weights, (h, w), use_compiled=True), repeats)
+    ref_ms = timeit(lambda: hough_voting_reference(short, weights, (h, w)), max(1, repeats // 2))
+    rows.append(("hough_voting op (K=5)", op_ms))
+    rows.append(("hough_voting pure-PyTorch reference (K=5)", ref_ms))
+
+    # stages (single image)
+    semantic = sem_logits.argmax(1)
+    is_thing = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+    is_thing[THING_IDS] = True
+    thing_mask = is_thing[semantic]
+    ys, xs = torch.nonzero(thing_mask[0], as_tuple=True)
+    rows.append(
+        ("1 semantic argmax + thing mask", timeit(lambda: is_thing[sem_logits.argmax(1)], repeats))
+    )
+    rows.append(
+        (
+            "2 long-range refinement (thing pixels)",
+            timeit(lambda: pp.refine_long_offsets(long[0], short[0], ys, xs, 2), repeats),
+        )
+    )
+    lo = pp.refine_long_offsets(long[0], short[0], ys, xs, 2)
+    refined = torch.zeros_like(long)
+    refined[0][:, :, ys, xs] = lo
+    heat = heat_logits.sigmoid()
+    rows.append(
+        (
+            "3 Hough score maps (short + long votes)",
+            timeit(lambda: pp.hough_score_maps(heat, short, refined, thing_mask, cfg), repeats),
+        )
+    )
+    maps = pp.hough_score_maps(heat, short, refined, thing_mask, cfg)
+    rows.append(
+        ("4 keypoints (peaks, expected OKS)", timeit(lambda: pp.find_keypoints(maps, cfg), repeats))
+    )
+    (cands,) = pp.find_keypoints(maps, cfg)
+    rows.append(
+        (
+            "5 greedy grouping + box NMS",
+            timeit(lambda: pp.group_instances(cands, maps[0], mid[0], short[0], cfg), repeats),
+        )
+    )
+    kps, scores = pp.group_instances(cands, maps[0], mid[0], short[0], cfg)
+    pix = torch.stack([ys.float()[None] + lo[:, 0], xs.float()[None] + lo[:, 1]], -1).transpose(
+        0, 1
+    )
+    rows.append(("6 pixel assignment", timeit(lambda: pp.assign_pixels(pix, kps), repeats)))
+    inst_map = torch.full((h, w), -1, dtype=torch.long)
+    inst_map[ys, xs] = pp.assign_pixels(pix, kps)
+    rows.append(
+        (
+            "7 fusion",
+            timeit(
+                lambda: pp.fuse_panoptic(
+                    semantic[0], inst_map, scores, THING_IDS, NUM_CLASSES, cfg
+                ),
+                repeats,
+            ),
+        )
+    )
+
+    def whole():
+        return pp.deeperlab_panoptic_inference(*inputs, THING_IDS, cfg)
+
+    whole_ms = timeit(whole, repeats)
+    rows.append(("DeeperLab post-processing, whole", whole_ms))
+    mem = peak_extra_memory(whole)
+    (res,) = whole()
+    n_found = sum(s["isthing"] for s in res["segments_info"])
+
+    from detectron2.projects.panoptic_deeplab.post_processing import get_panoptic_segmentation
+
+    sem, center, offsets = panoptic_deeplab_inputs(pan, segs)
+
+    def pdl():
+        return get_panoptic_segmentation(
+            sem, center, offsets, set(THING_IDS), 1000, 2048, 0, 0.1, 7, 200
+        )
+
+    pdl_ms = timeit(pdl, max(1, repeats // 2))
+    pdl_mem = peak_extra_memory(pdl)
+    rows.append(("Detectron2 Panoptic-DeepLab get_panoptic_segmentation", pdl_ms))
+    return rows, {
+        "op_speedup": ref_ms / op_ms,
+        "post_speedup": pdl_ms / whole_ms,
+        "mem": mem,
+        "pdl_mem": pdl_mem,
+        "things": n_things,
+        "found": n_found,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--sizes", default="1025x2049,513x1025")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, compiled op on CPU: "
+        f"{compiled_op_available(torch.device('cpu'))}"
+    )
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.split("x"))
+        rows, r = bench_size(h, w, args.repeats, rng)
+        print(f"\n### {h}x{w}, {r['things']} thing instances ({r['found']} found)\n")
+        print("| what | ms |")
+        print("|---|---|")
+        for name, ms in rows:
+            print(f"| {name} | {ms:.1f} |")
+        print(
+            f"\nratios: op vs reference {r['op_speedup']:.1f}x; DeeperLab vs Panoptic-DeepLab "
+            f"post-processing {r['post_speedup']:.1f}x; peak extra memory: DeeperLab "
+            f"{r['mem'] / 2**20:.0f} MiB, Panoptic-DeepLab {r['pdl_mem'] / 2**20:.0f} MiB"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

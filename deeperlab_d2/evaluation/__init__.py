@@ -1,0 +1,16 @@
+"""Evaluation: Parsing Covering, and the evaluators of a dataset (PQ, PC, mIoU, AP)."""
+
+from .build import EVALUATOR_FACTORIES, build_evaluator
+from .parsing_covering import (
+    ParsingCoveringEvaluator,
+    parsing_covering_from_stats,
+    parsing_covering_stats,
+)
+
+__all__ = [
+    "EVALUATOR_FACTORIES",
+    "ParsingCoveringEvaluator",
+    "build_evaluator",
+    "parsing_covering_from_stats",
+    "parsing_covering_stats",
+]

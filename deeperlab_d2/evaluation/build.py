@@ -1,0 +1,65 @@
+"""Evaluators for a dataset, chosen from its metadata's ``evaluator_type``."""
+
+import os
+from typing import Callable, Dict, List
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+
+from .parsing_covering import ParsingCoveringEvaluator
+
+
+def _has_sem_seg_files(dataset_name: str) -> bool:
+    records = DatasetCatalog.get(dataset_name)
+    return bool(records) and "sem_seg_file_name" in records[0]
+
+
+def _panoptic_evaluators(dataset_name: str, output_dir: str) -> List[DatasetEvaluator]:
+    """PQ (panopticapi), Parsing Covering, mIoU (if semantic PNGs exist) and instance AP (if an
+    instances json exists) for a panoptic dataset."""
+    meta = MetadataCatalog.get(dataset_name)
+    evaluators: List[DatasetEvaluator] = [
+        COCOPanopticEvaluator(dataset_name, output_dir),
+        ParsingCoveringEvaluator(dataset_name, output_dir),
+    ]
+    if _has_sem_seg_files(dataset_name):
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir))
+    if getattr(meta, "json_file", None) and os.path.isfile(meta.json_file):
+        # the C++ COCOeval of detectron2 is not built by scripts/install.sh
+        evaluators.append(
+            COCOEvaluator(
+                dataset_name,
+                tasks=("bbox", "segm"),
+                distributed=True,
+                output_dir=output_dir,
+                use_fast_impl=False,
+            )
+        )
+    return evaluators
+
+
+#: evaluator_type -> factory(dataset_name, output_dir) -> list of evaluators
+EVALUATOR_FACTORIES: Dict[str, Callable[[str, str], List[DatasetEvaluator]]] = {
+    "coco_panoptic_seg": _panoptic_evaluators,
+    "cityscapes_panoptic_seg": _panoptic_evaluators,
+}
+
+
+def build_evaluator(cfg, dataset_name: str, output_dir: str = None) -> DatasetEvaluator:
+    """The evaluators of ``dataset_name`` from its ``evaluator_type`` (see
+    :data:`EVALUATOR_FACTORIES`); raises ``NotImplementedError`` for other types, as Detectron2's
+    DefaultTrainer expects."""
+    output_dir = output_dir or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    evaluator_type = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)
+    if evaluator_type not in EVALUATOR_FACTORIES:
+        raise NotImplementedError(
+            f"no DeeperLab evaluator for dataset {dataset_name!r} of evaluator_type "
+            f"{evaluator_type!r} (supported: {sorted(EVALUATOR_FACTORIES)})"
+        )
+    return DatasetEvaluators(EVALUATOR_FACTORIES[evaluator_type](dataset_name, output_dir))

@@ -1,0 +1,21 @@
+"""Torch-only layers of DeeperLab (no Detectron2 import here or below).
+
+``hough_voting`` is the keypoint Hough-voting op (compiled C++/CUDA kernel from
+``deeperlab_d2._C`` when built, pure-PyTorch ``hough_voting_reference`` otherwise).
+"""
+
+from .hough_voting import (
+    HAS_COMPILED_OP,
+    compiled_op_available,
+    compiled_with_cuda,
+    hough_voting,
+    hough_voting_reference,
+)
+
+__all__ = [
+    "HAS_COMPILED_OP",
+    "compiled_op_available",
+    "compiled_with_cuda",
+    "hough_voting",
+    "hough_voting_reference",
+]

@@ -1,0 +1,537 @@
+"""Keypoint Hough voting: exact values, compiled op vs. PyTorch reference, op registration.
+
+Needs only torch (no Detectron2). Tests of the compiled op skip when ``deeperlab_d2._C`` is not
+built; the CUDA variants skip when no GPU is visible (checked at test time, never at import).
+"""
+
+import contextlib
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deeperlab_d2.layers import (
+    HAS_COMPILED_OP,
+    compiled_op_available,
+    compiled_with_cuda,
+    hough_voting,
+    hough_voting_reference,
+)
+
+# The module, not the function of the same name that deeperlab_d2.layers exports.
+hv_module = importlib.import_module("deeperlab_d2.layers.hough_voting")
+
+NOT_BUILT = "deeperlab_d2._C is not built (pip install --no-build-isolation -e .)"
+needs_op = pytest.mark.skipif(not HAS_COMPILED_OP, reason=NOT_BUILT)
+
+# The string condition is evaluated when the test runs, so collection never touches CUDA.
+CUDA = pytest.param(
+    "cuda",
+    marks=pytest.mark.skipif("not torch.cuda.is_available()", reason="CUDA is not available"),
+)
+DEVICES = ["cpu", CUDA]
+IMPLS = ["reference", "compiled"]
+
+
+def run_impl(impl, offsets, weights, out_size, scale=1.0):
+    """Runs one implementation, skipping the compiled one where it has no kernel."""
+    if impl == "reference":
+        return hough_voting_reference(offsets, weights, out_size, scale)
+    if not compiled_op_available(offsets.device):
+        pytest.skip(f"compiled op not built for {offsets.device.type}: {NOT_BUILT}")
+    return hough_voting(offsets, weights, out_size, scale, use_compiled=True)
+
+
+def make_votes(shape, votes, device="cpu"):
+    """Inputs with only the listed votes non-zero.
+
+    Args:
+        shape: (N, K, H, W) of the source grid.
+        votes: iterable of (n, k, y, x, dy, dx, weight).
+        device: where to put the tensors.
+
+    Returns:
+        (offsets [N, K, 2, H, W], weights [N, K, H, W]).
+    """
+    n, k, h, w = shape
+    offsets = torch.zeros(n, k, 2, h, w)
+    weights = torch.zeros(n, k, h, w)
+    for i, j, y, x, dy, dx, wt in votes:
+        offsets[i, j, 0, y, x] = dy
+        offsets[i, j, 1, y, x] = dx
+        weights[i, j, y, x] = wt
+    return offsets.to(device), weights.to(device)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def assert_votes_close(out, ref, offsets, weights, out_size, scale=1.0):
+    """``out == ref`` up to float32 summation-order error.
+
+    Cell c is the sum of its n_c taps in some order; two orders differ by about
+    eps * sum|tap| * sqrt(n_c) / 4 (random rounding). The bound used is 8 eps * sum|tap| *
+    sqrt(n_c + 1), so a cell that receives nothing must be exactly 0 in both.
+    """
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
+    valid = torch.isfinite(weights) & (weights != 0)
+    mass = hough_voting_reference(offsets, torch.where(valid, weights.abs(), 0.0), out_size, scale)
+    count = hough_voting_reference(offsets, valid.float(), out_size, scale)
+    tol = 8 * torch.finfo(torch.float32).eps * mass * (count + 1).sqrt()
+    excess = (out - ref).abs() - tol
+    worst = int(excess.argmax())
+    assert excess.max().item() <= 0, (
+        f"{int((excess > 0).sum())} cells differ beyond the summation-order bound; worst at flat "
+        f"index {worst}: out={out.flatten()[worst].item()}, ref={ref.flatten()[worst].item()}, "
+        f"tol={tol.flatten()[worst].item()}"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# exact values on hand-built votes (both implementations, every device)
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+class TestExactValues:
+    def test_integer_position_lands_in_one_cell(self, impl, device):
+        off, w = make_votes((1, 1, 5, 6), [(0, 0, 2, 3, 1.0, -2.0, 0.7)], device)
+        out = run_impl(impl, off, w, (6, 6))
+        expected = torch.zeros(1, 1, 6, 6)
+        expected[0, 0, 3, 1] = 0.7
+        assert out.shape == (1, 1, 6, 6) and out.dtype == torch.float32
+        assert out.device.type == device
+        torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
+
+    def test_fractional_position_splits_bilinearly(self, impl, device):
+        # (0, 0) + (1.5, 2.25): fy = 0.5, fx = 0.25, weight 2.
+        off, w = make_votes((1, 1, 4, 4), [(0, 0, 0, 0, 1.5, 2.25, 2.0)], device)
+        out = run_impl(impl, off, w, (4, 5)).cpu()[0, 0]
+        expected = torch.zeros(4, 5)
+        expected[1, 2] = 0.5 * 0.75 * 2
+        expected[1, 3] = 0.5 * 0.25 * 2
+        expected[2, 2] = 0.5 * 0.75 * 2
+        expected[2, 3] = 0.5 * 0.25 * 2
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert out.sum().item() == 2.0
+
+    def test_votes_accumulate(self, impl, device):
+        votes = [
+            (0, 0, 0, 0, 2.0, 2.0, 0.25),  # -> (2, 2)
+            (0, 0, 3, 1, -1.0, 1.0, 0.5),  # -> (2, 2)
+            (0, 0, 1, 1, 0.0, 0.5, 1.0),  # -> (1, 1.5)
+            (0, 0, 2, 0, -1.0, 2.5, 1.0),  # -> (1, 2.5)
+        ]
+        off, w = make_votes((1, 1, 4, 4), votes, device)
+        out = run_impl(impl, off, w, (4, 4)).cpu()[0, 0]
+        expected = torch.zeros(4, 4)
+        expected[2, 2] = 0.75
+        expected[1, 1] = 0.5
+        expected[1, 2] = 1.0
+        expected[1, 3] = 0.5
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    def test_scale(self, impl, device):
+        # ((4 + 2) * 0.5, (6 + 1) * 0.5) = (3, 3.5)
+        off, w = make_votes((1, 1, 8, 8), [(0, 0, 4, 6, 2.0, 1.0, 1.0)], device)
+        out = run_impl(impl, off, w, (5, 5), scale=0.5).cpu()[0, 0]
+        expected = torch.zeros(5, 5)
+        expected[3, 3] = 0.5
+        expected[3, 4] = 0.5
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        # scale 2: (1 + 0.25) * 2 = 2.5 rows, (0 + 1) * 2 = 2 columns
+        off, w = make_votes((1, 1, 3, 3), [(0, 0, 1, 0, 0.25, 1.0, 1.0)], device)
+        out = run_impl(impl, off, w, (6, 6), scale=2.0).cpu()[0, 0]
+        expected = torch.zeros(6, 6)
+        expected[2, 2] = 0.5
+        expected[3, 2] = 0.5
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    def test_vote_partly_outside_keeps_in_grid_taps(self, impl, device):
+        votes = [
+            (0, 0, 0, 1, -0.5, 0.0, 1.0),  # (-0.5, 1): only row 0 keeps 0.5
+            (0, 0, 3, 3, 0.5, 1.75, 1.0),  # (3.5, 4.75) in a 4x5 grid: only (3, 4) keeps .5*.25
+            (0, 0, 2, 0, 0.0, -0.25, 1.0),  # (2, -0.25): only column 0 keeps 0.75
+        ]
+        off, w = make_votes((1, 1, 4, 4), votes, device)
+        out = run_impl(impl, off, w, (4, 5)).cpu()[0, 0]
+        expected = torch.zeros(4, 5)
+        expected[0, 1] = 0.5
+        expected[3, 4] = 0.125
+        expected[2, 0] = 0.75
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    def test_vote_completely_outside_casts_nothing(self, impl, device):
+        votes = [
+            (0, 0, 0, 0, -1.0, 2.0, 1.0),  # (-1, 2): its only in-grid tap has weight 0
+            (0, 0, 0, 1, -5.0, 0.0, 1.0),
+            (0, 0, 1, 0, 0.0, 5.0, 1.0),  # column 5 = out_w
+            (0, 0, 1, 1, 3.0, 0.0, 1.0),  # row 4 = out_h
+            (0, 0, 2, 2, 1e4, -1e4, 1.0),
+            (0, 0, 3, 3, -4.5, -4.5, 1.0),
+            (0, 0, 2, 1, 3e38, 3e38, 1.0),  # huge but finite
+        ]
+        off, w = make_votes((1, 1, 4, 4), votes, device)
+        out = run_impl(impl, off, w, (4, 5))
+        assert torch.count_nonzero(out).item() == 0
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+    def test_non_finite_votes_cast_nothing(self, impl, device, bad):
+        votes = [
+            (0, 0, 0, 0, bad, 1.0, 1.0),
+            (0, 0, 0, 1, 1.0, bad, 1.0),
+            (0, 0, 0, 2, bad, bad, 1.0),
+            (0, 0, 1, 0, 1.0, 1.0, bad),
+            (0, 0, 1, 1, 1.0, 0.0, 0.0),  # zero weight
+            (0, 0, 2, 2, 0.5, 0.5, 1.0),  # the one valid vote
+        ]
+        off, w = make_votes((1, 1, 4, 4), votes, device)
+        out = run_impl(impl, off, w, (4, 4)).cpu()[0, 0]
+        expected = torch.zeros(4, 4)
+        expected[2:4, 2:4] = 0.25
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    @pytest.mark.parametrize(
+        "shape, out_size",
+        [
+            ((0, 3, 4, 4), (4, 4)),
+            ((2, 0, 4, 4), (4, 4)),
+            ((1, 2, 0, 4), (3, 3)),
+            ((1, 2, 4, 0), (3, 3)),
+            ((1, 2, 4, 4), (0, 4)),
+            ((1, 2, 4, 4), (4, 0)),
+        ],
+    )
+    def test_zero_size(self, impl, device, shape, out_size):
+        n, k, h, w = shape
+        off = torch.ones(n, k, 2, h, w, device=device)
+        wt = torch.ones(n, k, h, w, device=device)
+        out = run_impl(impl, off, wt, out_size)
+        assert out.shape == (n, k, *out_size)
+        assert torch.count_nonzero(out).item() == 0
+
+    def test_channels_and_images_do_not_mix(self, impl, device):
+        votes = []
+        expected = torch.zeros(2, 3, 5, 5)
+        for i in range(2):
+            for j in range(3):
+                y, x = i + 1, j + 1  # a different target cell per plane
+                wt = 1.0 + i * 3 + j
+                votes.append((i, j, 2, 2, y - 2.0, x - 2.0, wt))
+                expected[i, j, y, x] = wt
+        off, w = make_votes((2, 3, 5, 5), votes, device)
+        out = run_impl(impl, off, w, (5, 5)).cpu()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    def test_non_contiguous_inputs(self, impl, device):
+        gen = torch.Generator().manual_seed(3)
+        off = torch.randn(2, 7, 6, 2, 3, generator=gen) * 3  # [N, W, H, 2, K]
+        w = torch.rand(2, 7, 6, 3, generator=gen)  # [N, W, H, K]
+        off_nc = off.permute(0, 4, 3, 2, 1).to(device)
+        w_nc = w.permute(0, 3, 2, 1).to(device)
+        assert not off_nc.is_contiguous() and not w_nc.is_contiguous()
+        out = run_impl(impl, off_nc, w_nc, (6, 7))
+        ref = hough_voting_reference(off_nc.contiguous(), w_nc.contiguous(), (6, 7))
+        assert_votes_close(out, ref, off_nc, w_nc, (6, 7))
+
+
+# ------------------------------------------------------------------------------------------
+# compiled op vs. reference on random inputs
+# ------------------------------------------------------------------------------------------
+def random_inputs(n, k, h, w, out_size, seed, device="cpu"):
+    """A field of votes converging on one centre per plane (plus noise), sprinkled with far-away
+    offsets, NaN/inf offsets and weights, zero and negative weights."""
+    gen = torch.Generator().manual_seed(seed)
+    oh, ow = out_size
+    ys = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
+    xs = torch.arange(w, dtype=torch.float32).view(1, w).expand(h, w)
+    centres = torch.rand(n, k, 2, 1, 1, generator=gen) * torch.tensor([h, w]).view(1, 1, 2, 1, 1)
+    offsets = centres - torch.stack([ys, xs])  # [n, k, 2, h, w]
+    offsets = offsets + torch.randn(n, k, 2, h, w, generator=gen) * 2.0
+    weights = torch.rand(n, k, h, w, generator=gen)
+
+    def sprinkle(t, values, frac):
+        mask = torch.rand(t.shape, generator=gen) < frac
+        choice = torch.randint(len(values), t.shape, generator=gen)
+        return torch.where(mask, torch.tensor(values)[choice], t)
+
+    offsets = sprinkle(offsets, [math.nan, math.inf, -math.inf, 1e4, -1e4, 1e30], 0.02)
+    weights = sprinkle(weights, [math.nan, math.inf, -math.inf, 0.0, -0.5], 0.03)
+    return offsets.to(device), weights.to(device)
+
+
+CASES = [
+    # (N, K, H, W, out_size, scale)
+    (1, 1, 1, 1, (1, 1), 1.0),
+    (1, 1, 1, 1, (3, 2), 2.0),
+    (2, 3, 7, 11, (7, 11), 1.0),
+    (1, 5, 16, 9, (5, 7), 0.25),
+    (1, 2, 33, 65, (9, 17), 0.25),
+    (3, 1, 10, 10, (20, 20), 2.0),
+    (2, 2, 31, 17, (16, 9), 0.5),
+    (1, 17, 40, 30, (40, 30), 1.0),
+    (1, 1, 300, 301, (300, 301), 1.0),  # enough votes to split rows across threads
+    (1, 5, 129, 257, (33, 65), 0.25),
+    (2, 3, 120, 90, (61, 46), 0.5),
+]
+
+
+@needs_op
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"_s{c[5]}")
+def test_compiled_matches_reference(device, case):
+    n, k, h, w, out_size, scale = case
+    if not compiled_op_available(device):
+        pytest.skip(f"compiled op not built for {device}")
+    offsets, weights = random_inputs(n, k, h, w, out_size, seed=h * 1000 + w, device=device)
+    ref = hough_voting_reference(offsets, weights, out_size, scale)
+    out = torch.ops.deeperlab_d2.hough_voting(offsets, weights, *out_size, scale)
+    assert out.shape == ref.shape == (n, k, *out_size)
+    assert torch.isfinite(out).all()
+    assert_votes_close(out, ref, offsets, weights, out_size, scale)
+
+
+@needs_op
+@pytest.mark.parametrize("nk", [(1, 1), (1, 3), (1, 5), (2, 4)])
+def test_cpu_thread_splits_match_reference_and_are_deterministic(nk):
+    # 257 x 520 source pixels per plane: enough votes for up to 4 threads, so that planes are
+    # split across threads (partial buffers) for every thread count that does not divide N*K.
+    n, k = nk
+    offsets, weights = random_inputs(n, k, 257, 520, (129, 260), seed=7)
+    ref = hough_voting_reference(offsets, weights, (129, 260), 0.5)
+    for threads in (1, 2, 3, 4):
+        with num_threads(threads):
+            first = torch.ops.deeperlab_d2.hough_voting(offsets, weights, 129, 260, 0.5)
+            second = torch.ops.deeperlab_d2.hough_voting(offsets, weights, 129, 260, 0.5)
+        assert torch.equal(first, second), f"not deterministic with {threads} threads"
+        assert_votes_close(first, ref, offsets, weights, (129, 260), 0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# op registration: opcheck, torch.compile, meta tensors
+# ------------------------------------------------------------------------------------------
+@needs_op
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not compiled_op_available(device):
+        pytest.skip(f"compiled op not built for {device}")
+    op = torch.ops.deeperlab_d2.hough_voting.default
+    for n, k, h, w, out_size, scale in [CASES[2], CASES[4], CASES[5]]:
+        offsets, weights = random_inputs(n, k, h, w, out_size, seed=1, device=device)
+        # Default test_utils: schema, autograd registration, fake tensor, AOT dispatch.
+        torch.library.opcheck(op, (offsets, weights, *out_size, scale))
+
+
+def test_meta_tensors_give_shapes():
+    offsets = torch.empty(2, 3, 2, 10, 12, device="meta")
+    weights = torch.empty(2, 3, 10, 12, device="meta")
+    out = hough_voting(offsets, weights, (5, 6), 0.5)
+    assert out.device.type == "meta" and out.shape == (2, 3, 5, 6)
+    out = hough_voting(offsets, weights, (5, 6), 0.5, use_compiled=False)
+    assert out.device.type == "meta" and out.shape == (2, 3, 5, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    if not compiled_op_available(device):
+        pytest.skip(f"compiled op not built for {device}: {NOT_BUILT}")
+    torch._dynamo.reset()
+
+    def fn(offsets, weights):
+        short = hough_voting(offsets, weights, (17, 33), 0.5)
+        raw = torch.ops.deeperlab_d2.hough_voting(offsets, weights * 2, 17, 33, 0.5)
+        return short * 3.0 + raw
+
+    offsets, weights = random_inputs(2, 3, 34, 66, (17, 33), seed=11, device=device)
+    expected = fn(offsets, weights)
+    compiled = torch.compile(fn, fullgraph=True)
+    out = compiled(offsets, weights)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # a second call with other values reuses the graph
+    offsets2, weights2 = random_inputs(2, 3, 34, 66, (17, 33), seed=12, device=device)
+    torch.testing.assert_close(
+        compiled(offsets2, weights2), fn(offsets2, weights2), rtol=1e-5, atol=1e-5
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch between the compiled op and the reference
+# ------------------------------------------------------------------------------------------
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_picks_compiled_op_on_cpu_when_built():
+    offsets, weights = random_inputs(1, 2, 8, 9, (8, 9), seed=0)
+    with RecordOps() as rec:
+        hough_voting(offsets, weights, (8, 9))
+    uses_op = any(op.startswith("deeperlab_d2.hough_voting") for op in rec.ops)
+    assert uses_op == HAS_COMPILED_OP
+    if HAS_COMPILED_OP:
+        assert compiled_op_available("cpu") and compiled_op_available(torch.device("cpu"))
+        assert not any("index_add" in op for op in rec.ops)
+
+
+def test_dispatch_use_compiled_false_uses_reference():
+    offsets, weights = random_inputs(1, 2, 8, 9, (8, 9), seed=0)
+    with RecordOps() as rec:
+        out = hough_voting(offsets, weights, (8, 9), use_compiled=False)
+    assert not any(op.startswith("deeperlab_d2.") for op in rec.ops)
+    assert any("index_add" in op for op in rec.ops)
+    torch.testing.assert_close(out, hough_voting_reference(offsets, weights, (8, 9)))
+
+
+def test_use_compiled_true_without_kernel_raises(monkeypatch):
+    monkeypatch.setattr(hv_module, "_KERNEL_DEVICE_TYPES", frozenset())
+    offsets, weights = random_inputs(1, 1, 4, 4, (4, 4), seed=0)
+    with pytest.raises(RuntimeError, match="use_compiled=True.*not available for device cpu"):
+        hough_voting(offsets, weights, (4, 4), use_compiled=True)
+    # the default falls back to the reference
+    out = hough_voting(offsets, weights, (4, 4))
+    torch.testing.assert_close(out, hough_voting_reference(offsets, weights, (4, 4)))
+
+
+def test_cuda_kernel_availability_is_consistent():
+    assert compiled_op_available("cuda") == (HAS_COMPILED_OP and compiled_with_cuda())
+    assert compiled_op_available("cuda:1") == compiled_op_available("cuda")
+
+
+# ------------------------------------------------------------------------------------------
+# bad inputs
+# ------------------------------------------------------------------------------------------
+def good_inputs(device="cpu"):
+    return torch.zeros(1, 2, 2, 4, 5, device=device), torch.zeros(1, 2, 4, 5, device=device)
+
+
+BAD_WRAPPER_ARGS = [
+    # (id, offsets, weights, out_size, scale, error, message)
+    ("offsets_4d", torch.zeros(1, 2, 4, 5), None, (4, 5), 1.0, ValueError, "offsets"),
+    ("offsets_dim2", torch.zeros(1, 2, 3, 4, 5), None, (4, 5), 1.0, ValueError, "offsets"),
+    ("weights_3d", None, torch.zeros(2, 4, 5), (4, 5), 1.0, ValueError, "weights"),
+    ("weights_shape", None, torch.zeros(1, 2, 5, 4), (4, 5), 1.0, ValueError, "weights"),
+    ("offsets_f64", torch.zeros(1, 2, 2, 4, 5).double(), None, (4, 5), 1.0, TypeError, "offsets"),
+    (
+        "weights_int",
+        None,
+        torch.zeros(1, 2, 4, 5, dtype=torch.int64),
+        (4, 5),
+        1.0,
+        TypeError,
+        "weights",
+    ),
+    (
+        "offsets_numpy",
+        np.zeros((1, 2, 2, 4, 5), np.float32),
+        None,
+        (4, 5),
+        1.0,
+        TypeError,
+        "offsets",
+    ),
+    ("out_size_len", None, None, (4,), 1.0, TypeError, "out_size"),
+    ("out_size_float", None, None, (4.0, 5), 1.0, TypeError, "out_size"),
+    ("out_size_neg", None, None, (4, -1), 1.0, ValueError, "out_size"),
+    ("scale_zero", None, None, (4, 5), 0.0, ValueError, "scale"),
+    ("scale_neg", None, None, (4, 5), -1.0, ValueError, "scale"),
+    ("scale_nan", None, None, (4, 5), math.nan, ValueError, "scale"),
+    ("scale_inf", None, None, (4, 5), math.inf, ValueError, "scale"),
+    ("scale_str", None, None, (4, 5), "1", TypeError, "scale"),
+]
+
+
+@pytest.mark.parametrize("use_compiled", [None, False])
+@pytest.mark.parametrize(
+    "offsets, weights, out_size, scale, error, message",
+    [case[1:] for case in BAD_WRAPPER_ARGS],
+    ids=[case[0] for case in BAD_WRAPPER_ARGS],
+)
+def test_wrapper_rejects_bad_inputs(
+    offsets, weights, out_size, scale, error, message, use_compiled
+):
+    good_off, good_w = good_inputs()
+    offsets = good_off if offsets is None else offsets
+    weights = good_w if weights is None else weights
+    with pytest.raises(error, match=message):
+        hough_voting(offsets, weights, out_size, scale, use_compiled=use_compiled)
+    with pytest.raises(error, match=message):
+        hough_voting_reference(offsets, weights, out_size, scale)
+
+
+def test_wrapper_rejects_device_mismatch():
+    off, w = good_inputs()
+    with pytest.raises(ValueError, match="same device.*offsets on meta and weights on cpu"):
+        hough_voting(off.to("meta"), w, (4, 5))
+    with pytest.raises(ValueError, match="same device"):
+        hough_voting_reference(off, w.to("meta"), (4, 5))
+
+
+BAD_OP_ARGS = [
+    ("offsets_4d", torch.zeros(1, 2, 4, 5), None, 4, 5, 1.0, "offsets must be a 5-D tensor"),
+    ("offsets_dim2", torch.zeros(1, 2, 3, 4, 5), None, 4, 5, 1.0, "offsets must have size 2"),
+    ("weights_3d", None, torch.zeros(2, 4, 5), 4, 5, 1.0, "weights must be a 4-D tensor"),
+    ("weights_shape", None, torch.zeros(1, 2, 5, 4), 4, 5, 1.0, "weights shape .* does not match"),
+    (
+        "offsets_f64",
+        torch.zeros(1, 2, 2, 4, 5).double(),
+        None,
+        4,
+        5,
+        1.0,
+        "offsets must be float32",
+    ),
+    ("weights_f16", None, torch.zeros(1, 2, 4, 5).half(), 4, 5, 1.0, "weights must be float32"),
+    ("out_h_neg", None, None, -1, 5, 1.0, "out_h and out_w must be >= 0"),
+    ("out_w_neg", None, None, 4, -2, 1.0, "out_h and out_w must be >= 0"),
+    ("scale_zero", None, None, 4, 5, 0.0, "scale must be finite and > 0"),
+    ("scale_nan", None, None, 4, 5, math.nan, "scale must be finite and > 0"),
+    ("scale_inf", None, None, 4, 5, math.inf, "scale must be finite and > 0"),
+]
+
+
+@needs_op
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "offsets, weights, out_h, out_w, scale, message",
+    [case[1:] for case in BAD_OP_ARGS],
+    ids=[case[0] for case in BAD_OP_ARGS],
+)
+def test_raw_op_rejects_bad_inputs(device, offsets, weights, out_h, out_w, scale, message):
+    if not compiled_op_available(device):
+        pytest.skip(f"compiled op not built for {device}")
+    good_off, good_w = good_inputs(device)
+    offsets = good_off if offsets is None else offsets.to(device)
+    weights = good_w if weights is None else weights.to(device)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.deeperlab_d2.hough_voting(offsets, weights, out_h, out_w, scale)
+
+
+@needs_op
+@pytest.mark.parametrize("other", ["meta", CUDA])
+def test_raw_op_rejects_device_mismatch(other):
+    if not compiled_op_available(other):
+        pytest.skip(f"compiled op not built for {other}")
+    off, w = good_inputs()
+    with pytest.raises(RuntimeError, match="offsets and weights must be on the same device"):
+        torch.ops.deeperlab_d2.hough_voting(off.to(other), w, 4, 5, 1.0)
+    with pytest.raises(RuntimeError, match="offsets and weights must be on the same device"):
+        torch.ops.deeperlab_d2.hough_voting(off, w.to(other), 4, 5, 1.0)
