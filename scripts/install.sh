@@ -89,7 +89,8 @@ STAMP="$VENV/.deeperlab_d2.stamp"
 HASH="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$CONSTRAINTS" \
   $(find "$ROOT/deeperlab_d2" -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null | sort) \
   | sha256sum | cut -d' ' -f1)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && have "import deeperlab_d2"; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] \
+  && have "import deeperlab_d2, deeperlab_d2.layers as L; assert L.HAS_COMPILED_OP"; then
   log "deeperlab_d2 up to date"
 else
   log "installing deeperlab_d2 (editable)"

@@ -17,6 +17,11 @@ Two implementations with the same semantics:
 input's device. Neither implementation is differentiable (inference only): no autograd formula
 is registered, so gradients do not flow to ``offsets`` or ``weights``.
 
+Results agree up to float32 summation order. The CPU kernel is deterministic for a given
+``torch.get_num_threads()`` (planes, or row ranges of planes, are split across threads and
+partial sums are added in a fixed order); the CUDA kernel adds with ``atomicAdd``, so its last
+bits may vary from run to run.
+
 This module needs only torch (no Detectron2).
 """
 
@@ -49,7 +54,7 @@ else:
 HAS_COMPILED_OP = _C is not None and torch._C._dispatch_has_kernel(_OP_NAME)
 
 
-def _check_op_args(offsets, weights, out_h, out_w):
+def _check_op_args(offsets, weights, out_h, out_w, scale):
     # Mirrors check_hough_voting_args in csrc/hough_voting.cpp, for the fake implementation.
     torch._check(
         offsets.dim() == 5,
@@ -99,13 +104,17 @@ def _check_op_args(offsets, weights, out_h, out_w):
         out_h >= 0 and out_w >= 0,
         lambda: f"hough_voting: out_h and out_w must be >= 0, got {out_h}, {out_w}",
     )
+    torch._check(
+        math.isfinite(scale) and scale > 0,
+        lambda: f"hough_voting: scale must be finite and > 0, got {scale}",
+    )
 
 
 if HAS_COMPILED_OP:
 
     @torch.library.register_fake(_OP_NAME)
     def _hough_voting_fake(offsets, weights, out_h, out_w, scale):
-        _check_op_args(offsets, weights, out_h, out_w)
+        _check_op_args(offsets, weights, out_h, out_w, scale)
         return offsets.new_empty((offsets.shape[0], offsets.shape[1], out_h, out_w))
 
 

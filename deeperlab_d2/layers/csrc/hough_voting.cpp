@@ -138,12 +138,12 @@ void vote_rows(
       for (int64_t i = 0; i < len; ++i) {
         const float weight = w_p[i];
         const float py = (fy + dy_p[i]) * scale;
-        const float px = ((fx_begin + static_cast<float>(static_cast<int32_t>(i))) + dx_p[i]) *
-            scale;
+        const float px =
+            ((fx_begin + static_cast<float>(static_cast<int32_t>(i))) + dx_p[i]) * scale;
         // Some tap is inside the grid only for py, px in (-1, size); NaN and +-inf positions
         // (non-finite offsets) fail these comparisons too. |weight| <= FLT_MAX rejects NaN/inf.
         const bool ok = (weight != 0.f) & (std::fabs(weight) <= max_finite) & (py > -1.f) &
-            (py < lim_y) & (px > -1.f) & (px < lim_x);
+                        (py < lim_y) & (px > -1.f) & (px < lim_x);
         const float vy = ok ? py : 0.f;
         const float vx = ok ? px : 0.f;
         const int32_t ty = static_cast<int32_t>(vy);  // truncation; floor for vy >= 0
@@ -247,8 +247,8 @@ at::Tensor hough_voting_cpu(
   // of threads, not on scheduling.
   const int64_t total_rows = planes * height;
   int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  threads = std::max<int64_t>(
-      1, std::min({threads, total_rows, planes * in_plane / kMinVotesPerThread}));
+  threads =
+      std::max<int64_t>(1, std::min({threads, total_rows, planes * in_plane / kMinVotesPerThread}));
   const auto range_begin = [&](int64_t t) { return t * total_rows / threads; };
 
   // partial_of[t]: index of thread t's partial buffer, or -1 when its range starts at a plane.
@@ -294,12 +294,20 @@ at::Tensor hough_voting_cpu(
         const int64_t p = row / height;
         const int64_t first = row - p * height;
         const int64_t last = std::min(height, first + (end - row));
-        float* dst = first == 0 ? out_ptr + p * out_plane
-                                : partial_ptr + partial_of[t] * out_plane;
+        float* dst = first == 0 ? out_ptr + p * out_plane : partial_ptr + partial_of[t] * out_plane;
         std::fill(dst, dst + out_plane, 0.f);
         const float* dy = off_ptr + p * 2 * in_plane;
         vote_rows(
-            dy, dy + in_plane, w_ptr + p * in_plane, width, first, last, dst, out_h, out_w, scale_f);
+            dy,
+            dy + in_plane,
+            w_ptr + p * in_plane,
+            width,
+            first,
+            last,
+            dst,
+            out_h,
+            out_w,
+            scale_f);
         row += last - first;
       }
     }
