@@ -1,0 +1,90 @@
+"""End to end through train_net.py: train a few iterations, evaluate with every evaluator, and a
+model that overfits one image scores PQ far above an untrained one."""
+
+import importlib.util
+import math
+
+import pytest
+from conftest import REPO, TINY_CONFIG, load_prepare_synthetic
+
+
+def load_train_net():
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_image_dataset(tmp_path_factory):
+    from deeperlab_d2.data.datasets.synthetic import register_deeperlab_synthetic
+
+    root = tmp_path_factory.mktemp("one_image")
+    load_prepare_synthetic().prepare_synthetic(
+        str(root), seed=3, num_train=1, num_val=1, verbose=False
+    )
+    register_deeperlab_synthetic(str(root), prefix="e2e_one")
+    return root
+
+
+def run(train_net, out_dir, *opts, eval_only=False):
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", str(TINY_CONFIG)]
+        + (["--eval-only"] if eval_only else [])
+        + [
+            "MODEL.DEVICE",
+            "cpu",
+            "DATASETS.TRAIN",
+            "('e2e_one_train',)",
+            "DATASETS.TEST",
+            "('e2e_one_train',)",  # overfit and evaluate the same image
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "OUTPUT_DIR",
+            str(out_dir),
+            *opts,
+        ]
+    )
+    return train_net.main(args)
+
+
+def test_train_then_eval_only_with_every_evaluator(one_image_dataset, tmp_path):
+    train_net = load_train_net()
+    untrained = run(train_net, tmp_path / "untrained", "MODEL.WEIGHTS", "", eval_only=True)
+    assert set(untrained) == {"panoptic_seg", "parsing_covering", "sem_seg", "bbox", "segm"}
+    assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(untrained["panoptic_seg"])
+    assert {"PC", "PC_th", "PC_st"} <= set(untrained["parsing_covering"])
+    assert "mIoU" in untrained["sem_seg"] and "AP" in untrained["segm"]
+
+    out = tmp_path / "trained"
+    run(
+        train_net,
+        out,
+        "SOLVER.MAX_ITER",
+        "150",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.BASE_LR",
+        "0.003",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(192,)",
+        "INPUT.RANDOM_FLIP",
+        "none",
+        "TEST.EVAL_PERIOD",
+        "0",
+    )
+    trained = run(train_net, out, "MODEL.WEIGHTS", str(out / "model_final.pth"), eval_only=True)
+    for task, keys in (
+        ("panoptic_seg", ("PQ", "SQ", "RQ")),
+        ("parsing_covering", ("PC",)),
+        ("sem_seg", ("mIoU",)),
+    ):
+        for key in keys:
+            assert not math.isnan(trained[task][key]) and not math.isnan(untrained[task][key]), key
+    # measured once here: untrained PQ 17.0 / PC 22.7 / mIoU 11.4 (stuff only), after 150
+    # iterations on the image PQ 86.9 / PC 91.3 / mIoU 92.7 / mask AP 67.7
+    assert trained["panoptic_seg"]["PQ"] > untrained["panoptic_seg"]["PQ"] + 40
+    assert trained["panoptic_seg"]["PQ_th"] > 50
+    assert trained["parsing_covering"]["PC"] > untrained["parsing_covering"]["PC"] + 40
+    assert trained["sem_seg"]["mIoU"] > 60
+    assert trained["segm"]["AP"] > 30
