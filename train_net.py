@@ -6,13 +6,16 @@ python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
 python train_net.py --config-file <cfg> --resume
 """
 
+import logging
+
+import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 
 from deeperlab_d2 import DeeperLabDatasetMapper, add_deeperlab_config
-from deeperlab_d2.evaluation import build_evaluator
+from deeperlab_d2.evaluation import build_evaluator, summary_table
 from deeperlab_d2.solver import build_lr_scheduler, build_optimizer
 
 
@@ -53,10 +56,17 @@ def main(args):
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return Trainer.test(cfg, model)
+        return report(Trainer.test(cfg, model))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return report(trainer.train())
+
+
+def report(results):
+    """Log one table of the main metrics (PQ, PC, mIoU, AP) of every evaluated dataset."""
+    if results and comm.is_main_process():
+        logging.getLogger("deeperlab_d2").info("Evaluation summary:\n" + summary_table(results))
+    return results
 
 
 if __name__ == "__main__":

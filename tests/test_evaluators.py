@@ -82,3 +82,14 @@ def test_prediction_without_things(synthetic_root, tmp_path):
     res = evaluator.evaluate()["parsing_covering"]
     assert res["PC_st"] == 100.0
     assert res["PC_th"] == 0.0
+
+
+def test_summary_table_one_row_per_dataset():
+    from deeperlab_d2.evaluation import summary_table
+
+    single = {"panoptic_seg": {"PQ": 61.234, "SQ": 80.0}, "parsing_covering": {"PC": 75.5}}
+    lines = summary_table(single).splitlines()
+    assert lines[0].startswith("| dataset | PQ | SQ | RQ |")
+    assert lines[2] == "|  | 61.23 | 80.00 | - | - | - | 75.50 | - | - | - | - | - |"
+    multi = summary_table({"a": single, "b": {"sem_seg": {"mIoU": 1.0}}}).splitlines()
+    assert len(multi) == 4 and multi[3].startswith("| b | - |")

@@ -63,3 +63,36 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str = None) -> DatasetEv
             f"{evaluator_type!r} (supported: {sorted(EVALUATOR_FACTORIES)})"
         )
     return DatasetEvaluators(EVALUATOR_FACTORIES[evaluator_type](dataset_name, output_dir))
+
+
+#: (column, task, key) of the one-line summary of a DeeperLab evaluation
+SUMMARY_COLUMNS = (
+    ("PQ", "panoptic_seg", "PQ"),
+    ("SQ", "panoptic_seg", "SQ"),
+    ("RQ", "panoptic_seg", "RQ"),
+    ("PQ_th", "panoptic_seg", "PQ_th"),
+    ("PQ_st", "panoptic_seg", "PQ_st"),
+    ("PC", "parsing_covering", "PC"),
+    ("PC_th", "parsing_covering", "PC_th"),
+    ("PC_st", "parsing_covering", "PC_st"),
+    ("mIoU", "sem_seg", "mIoU"),
+    ("AP_mask", "segm", "AP"),
+    ("AP_box", "bbox", "AP"),
+)
+
+
+def summary_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """One markdown table (a row per dataset) of the main metrics of ``DefaultTrainer.test``
+    results (``{dataset: {task: {metric: value}}}``, or the single-dataset ``{task: ...}``)."""
+    tasks_known = {task for _, task, _ in SUMMARY_COLUMNS}
+    if results and all(task in tasks_known for task in results):
+        results = {"": results}
+    header = "| dataset | " + " | ".join(c for c, _, _ in SUMMARY_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(SUMMARY_COLUMNS) + 1)]
+    for name, tasks in results.items():
+        cells = []
+        for _, task, key in SUMMARY_COLUMNS:
+            value = tasks.get(task, {}).get(key)
+            cells.append("-" if value is None else f"{value:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
