@@ -113,15 +113,15 @@ def add_deeperlab_config(cfg):
     # ---------------------------------------------------------------------------------------
     # Data and solver
     # ---------------------------------------------------------------------------------------
-    # Name of the mapper's dataset format ("coco_panoptic"); panoptic PNG + segments_info.
-    _C.INPUT.DATASET_MAPPER_NAME = "deeperlab_panoptic"
-    # Applied after ResizeShortestEdge: random crop with padding-free cropping.
+    # Training augmentation: ResizeShortestEdge (INPUT.MIN_SIZE_TRAIN...), then this random crop
+    # (no padding: images smaller than the crop stay smaller and are padded in the batch), then
+    # a random flip ("none", "horizontal" or "vertical").
     _C.INPUT.CROP.ENABLED = True
     _C.INPUT.CROP.TYPE = "absolute"
     _C.INPUT.CROP.SIZE = (513, 513)
     _C.INPUT.RANDOM_FLIP = "horizontal"
 
-    # "SGD" or "ADAM".
+    # "SGD", "ADAM" or "ADAMW".
     _C.SOLVER.OPTIMIZER = "SGD"
     # Power of "WarmupPolyLR" (lr = base * (1 - iter / max_iter) ** POLY_LR_POWER).
     _C.SOLVER.POLY_LR_POWER = 0.9
