@@ -88,9 +88,9 @@ def test_xception_output_shapes(output_stride):
 
 def test_xception_depth(xception_os16):
     model = xception_os16
-    entry = [n for n in model.block_names if n.startswith("entry_flow")]
-    middle = [n for n in model.block_names if n.startswith("middle_flow")]
-    exit_ = [n for n in model.block_names if n.startswith("exit_flow")]
+    entry = [n for n in model.stage_names if n.startswith("entry_flow")]
+    middle = [n for n in model.stage_names if n.startswith("middle_flow")]
+    exit_ = [n for n in model.stage_names if n.startswith("exit_flow")]
     assert (len(entry), len(middle), len(exit_)) == (5, 16, 2)
     # 71 layers = 2 stem convs + 23 blocks x 3 separable convs (69 depthwise 3x3 convs, each
     # followed by its pointwise 1x1; shortcut 1x1 convs are not counted).
@@ -99,7 +99,7 @@ def test_xception_depth(xception_os16):
     assert all(m.kernel_size == (3, 3) for m in depthwise)
     assert len(model.stem) == 2
     assert len(depthwise) + len(model.stem) == 71
-    conv_shortcuts = [n for n in model.block_names if getattr(model, n).shortcut is not None]
+    conv_shortcuts = [n for n in model.stage_names if getattr(model, n).shortcut is not None]
     assert conv_shortcuts == [f"entry_flow{i}" for i in range(1, 6)] + ["exit_flow1"]
     # Strided separable convs replace max-pooling.
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
@@ -125,7 +125,7 @@ def test_xception_partial_out_features_and_input_channels():
     model = build_backbone(cfg, ShapeSpec(channels=1))
     assert set(model.output_shape()) == {"res2", "res3"}
     # Layers after the last requested feature are not built.
-    assert not any(n.startswith(("middle_flow", "exit_flow")) for n in model.block_names)
+    assert not any(n.startswith(("middle_flow", "exit_flow")) for n in model.stage_names)
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(1, 1, 32, 64))

@@ -30,15 +30,19 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
+from .common import (
+    STAGE_NAMES,
+    VALID_OUTPUT_STRIDES,
+    StagedNetwork,
+    check_output_stride_and_features,
+)
+
 __all__ = [
     "make_divisible",
     "InvertedResidual",
     "MobileNetV2",
     "build_mobilenetv2_backbone",
 ]
-
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
-_VALID_OUTPUT_STRIDES = (8, 16, 32)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
@@ -135,7 +139,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(StagedNetwork):
     """(Wider) MobileNetV2 encoder (plain ``nn.Module``), see the module docstring.
 
     Args:
@@ -169,24 +173,24 @@ class MobileNetV2(nn.Module):
         kernel_size: int = 5,
     ):
         super().__init__()
-        if output_stride not in _VALID_OUTPUT_STRIDES:
+        if output_stride not in VALID_OUTPUT_STRIDES:
             raise ValueError(
-                f"output_stride must be one of {_VALID_OUTPUT_STRIDES}, got {output_stride}"
+                f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride}"
             )
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd integer >= 3, got {kernel_size}")
-        out_features = list(_STAGE_NAMES if out_features is None else out_features)
-        bad = [f for f in out_features if f not in _STAGE_NAMES]
+        out_features = list(STAGE_NAMES if out_features is None else out_features)
+        bad = [f for f in out_features if f not in STAGE_NAMES]
         if not out_features or bad:
             raise ValueError(
-                f"out_features must be a non-empty subset of {_STAGE_NAMES}, got {out_features}"
+                f"out_features must be a non-empty subset of {STAGE_NAMES}, got {out_features}"
             )
         self.output_stride = output_stride
         self.width_mult = width_mult
         self.kernel_size = kernel_size
-        self._out_features: List[str] = [f for f in _STAGE_NAMES if f in out_features]
+        self._out_features: List[str] = [f for f in STAGE_NAMES if f in out_features]
         last_needed = self._out_features[-1]
 
         stem_channels = make_divisible(32 * width_mult)
@@ -240,32 +244,7 @@ class MobileNetV2(nn.Module):
                 if feature == last_needed:
                     break
 
-        self._init_weights()
-
-    def _init_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """
-        Args:
-            x: (N, C, H, W) image tensor.
-
-        Returns:
-            dict mapping each requested feature name to its (N, C_f, H / s_f, W / s_f) map
-            (sizes rounded up when H, W are not divisible by the stride).
-        """
-        outputs = {}
-        x = self.stem(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            feature = self._stage_outputs.get(name)
-            if feature is not None and feature in self._out_features:
-                outputs[feature] = x
-        return outputs
+        self.init_conv_weights()
 
 
 class D2MobileNetV2(MobileNetV2, Backbone):
@@ -288,18 +267,6 @@ class D2MobileNetV2(MobileNetV2, Backbone):
             kernel_size=node.KERNEL_SIZE,
         )
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        """
-        Returns:
-            dict of feature name -> ShapeSpec(channels, stride) with the true (atrous) strides.
-        """
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
-
 
 def _check_cfg(output_stride, out_features, width_mult, kernel_size) -> None:
     """Validate the ``MODEL.MOBILENETV2`` config values.
@@ -314,16 +281,7 @@ def _check_cfg(output_stride, out_features, width_mult, kernel_size) -> None:
         ValueError: naming the offending key.
     """
     prefix = "MODEL.MOBILENETV2"
-    if output_stride not in _VALID_OUTPUT_STRIDES:
-        raise ValueError(
-            f"{prefix}.OUTPUT_STRIDE must be one of {_VALID_OUTPUT_STRIDES}, got {output_stride}"
-        )
-    bad = [f for f in out_features if f not in _STAGE_NAMES]
-    if not out_features or bad:
-        raise ValueError(
-            f"{prefix}.OUT_FEATURES must be a non-empty subset of {list(_STAGE_NAMES)}, "
-            f"got {list(out_features)}"
-        )
+    check_output_stride_and_features(prefix, output_stride, out_features)
     if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or width_mult <= 0:
         raise ValueError(f"{prefix}.WIDTH_MULT must be a number > 0, got {width_mult}")
     if (

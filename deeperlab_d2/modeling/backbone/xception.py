@@ -33,10 +33,14 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
-__all__ = ["SeparableConv2d", "XceptionBlock", "Xception71", "build_xception71_backbone"]
+from .common import (
+    STAGE_NAMES,
+    VALID_OUTPUT_STRIDES,
+    StagedNetwork,
+    check_output_stride_and_features,
+)
 
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
-_VALID_OUTPUT_STRIDES = (8, 16, 32)
+__all__ = ["SeparableConv2d", "XceptionBlock", "Xception71", "build_xception71_backbone"]
 
 
 def _same_padding(kernel_size: int, dilation: int) -> int:
@@ -190,7 +194,7 @@ class XceptionBlock(nn.Module):
         return torch.relu_(out + residual)
 
 
-class Xception71(nn.Module):
+class Xception71(StagedNetwork):
     """Xception-71 encoder (plain ``nn.Module``), see the module docstring for the layout.
 
     Args:
@@ -226,18 +230,18 @@ class Xception71(nn.Module):
         num_middle_blocks: int = 16,
     ):
         super().__init__()
-        if output_stride not in _VALID_OUTPUT_STRIDES:
+        if output_stride not in VALID_OUTPUT_STRIDES:
             raise ValueError(
-                f"output_stride must be one of {_VALID_OUTPUT_STRIDES}, got {output_stride}"
+                f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride}"
             )
-        out_features = list(_STAGE_NAMES if out_features is None else out_features)
-        bad = [f for f in out_features if f not in _STAGE_NAMES]
+        out_features = list(STAGE_NAMES if out_features is None else out_features)
+        bad = [f for f in out_features if f not in STAGE_NAMES]
         if not out_features or bad:
             raise ValueError(
-                f"out_features must be a non-empty subset of {_STAGE_NAMES}, got {out_features}"
+                f"out_features must be a non-empty subset of {STAGE_NAMES}, got {out_features}"
             )
         self.output_stride = output_stride
-        self._out_features: List[str] = [f for f in _STAGE_NAMES if f in out_features]
+        self._out_features: List[str] = [f for f in STAGE_NAMES if f in out_features]
         last_needed = self._out_features[-1]
 
         self.stem = nn.Sequential(
@@ -272,7 +276,7 @@ class Xception71(nn.Module):
 
         current_stride, dilation = 2, 1
         prev = 64
-        self.block_names: List[str] = []
+        self.stage_names: List[str] = []
         self._stage_outputs: Dict[str, str] = {}  # block name -> feature name
         self._out_feature_channels: Dict[str, int] = {}
         self._out_feature_strides: Dict[str, int] = {}
@@ -287,7 +291,7 @@ class Xception71(nn.Module):
                 prev, channels, block_stride, block_dilation, shortcut=shortcut, norm=norm
             )
             self.add_module(name, block)
-            self.block_names.append(name)
+            self.stage_names.append(name)
             prev = block.out_channels
             if feature is not None:
                 self._stage_outputs[name] = feature
@@ -296,32 +300,7 @@ class Xception71(nn.Module):
                 if feature == last_needed:
                     break
 
-        self._init_weights()
-
-    def _init_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """
-        Args:
-            x: (N, C, H, W) image tensor.
-
-        Returns:
-            dict mapping each requested feature name to its (N, C_f, H / s_f, W / s_f) map
-            (sizes rounded up when H, W are not divisible by the stride).
-        """
-        outputs = {}
-        x = self.stem(x)
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-            feature = self._stage_outputs.get(name)
-            if feature is not None and feature in self._out_features:
-                outputs[feature] = x
-        return outputs
+        self.init_conv_weights(nonlinearity="relu")
 
 
 class D2Xception71(Xception71, Backbone):
@@ -335,47 +314,12 @@ class D2Xception71(Xception71, Backbone):
     def __init__(self, cfg, input_shape: ShapeSpec):
         output_stride = cfg.MODEL.XCEPTION.OUTPUT_STRIDE
         out_features = list(cfg.MODEL.XCEPTION.OUT_FEATURES)
-        _check_output_stride_and_features("MODEL.XCEPTION", output_stride, out_features)
+        check_output_stride_and_features("MODEL.XCEPTION", output_stride, out_features)
         super().__init__(
             in_channels=input_shape.channels,
             output_stride=output_stride,
             norm=cfg.MODEL.XCEPTION.NORM,
             out_features=out_features,
-        )
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        """
-        Returns:
-            dict of feature name -> ShapeSpec(channels, stride) with the true (atrous) strides.
-        """
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
-
-
-def _check_output_stride_and_features(prefix: str, output_stride, out_features) -> None:
-    """Validate the OUTPUT_STRIDE and OUT_FEATURES keys of a backbone config node.
-
-    Args:
-        prefix: config node name used in the messages, e.g. "MODEL.XCEPTION".
-        output_stride: value of ``<prefix>.OUTPUT_STRIDE``.
-        out_features: value of ``<prefix>.OUT_FEATURES``.
-
-    Raises:
-        ValueError: naming the offending key.
-    """
-    if output_stride not in _VALID_OUTPUT_STRIDES:
-        raise ValueError(
-            f"{prefix}.OUTPUT_STRIDE must be one of {_VALID_OUTPUT_STRIDES}, got {output_stride}"
-        )
-    bad = [f for f in out_features if f not in _STAGE_NAMES]
-    if not out_features or bad:
-        raise ValueError(
-            f"{prefix}.OUT_FEATURES must be a non-empty subset of {list(_STAGE_NAMES)}, "
-            f"got {list(out_features)}"
         )
 
 
