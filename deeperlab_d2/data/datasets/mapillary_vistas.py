@@ -21,6 +21,8 @@ import logging
 import os
 from typing import Dict, List, Optional
 
+from .registration import register_panoptic_split
+
 __all__ = [
     "MAPILLARY_VISTAS_SPLITS",
     "get_mapillary_vistas_metadata",
@@ -287,7 +289,6 @@ def register_mapillary_vistas_panoptic(
     Returns:
         list[str]: the registered dataset names.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     category_meta: Optional[Dict[str, object]] = None
     if os.path.isfile(categories_file(root)):
@@ -303,21 +304,10 @@ def register_mapillary_vistas_panoptic(
     for split in MAPILLARY_VISTAS_SPLITS:
         name = f"{prefix}_{split}"
         paths = mapillary_vistas_split_paths(root, split)
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
 
         def _load(name=name, paths=paths):
             return _load_split(name, root, paths)
 
-        DatasetCatalog.register(name, _load)
-        MetadataCatalog.get(name).set(
-            evaluator_type="coco_panoptic_seg",
-            ignore_label=255,
-            label_divisor=1000,
-            **paths,
-            **(category_meta or {}),
-        )
+        register_panoptic_split(name, _load, {**paths, **(category_meta or {})})
         names.append(name)
     return names

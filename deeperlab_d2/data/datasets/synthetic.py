@@ -9,6 +9,7 @@ lazy and works without the data; loading a split that has not been generated rai
 import os
 from typing import Dict, List
 
+from .registration import register_panoptic_split
 from .synthetic_categories import (
     SYNTHETIC_CATEGORIES,
     SYNTHETIC_DATASET_NAME,
@@ -124,17 +125,11 @@ def register_deeperlab_synthetic(root: str, prefix: str = SYNTHETIC_DATASET_NAME
     Returns:
         list[str]: the registered dataset names.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     names = []
     for split in SYNTHETIC_SPLITS:
         name = f"{prefix}_{split}"
         paths = synthetic_split_paths(root, split)
         meta = get_synthetic_metadata()
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
 
         def _load(paths=paths, meta=meta):
             return load_deeperlab_synthetic(
@@ -145,13 +140,6 @@ def register_deeperlab_synthetic(root: str, prefix: str = SYNTHETIC_DATASET_NAME
                 meta,
             )
 
-        DatasetCatalog.register(name, _load)
-        MetadataCatalog.get(name).set(
-            evaluator_type="coco_panoptic_seg",
-            ignore_label=255,
-            label_divisor=1000,
-            **paths,
-            **meta,
-        )
+        register_panoptic_split(name, _load, {**paths, **meta})
         names.append(name)
     return names
