@@ -59,7 +59,9 @@ def main(args):
         return report(Trainer.test(cfg, model))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return report(trainer.train())
+    trainer.train()
+    # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set
+    return report(getattr(trainer, "_last_eval_results", None))
 
 
 def report(results):
