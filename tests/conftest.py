@@ -12,13 +12,18 @@ TINY_CONFIG = (
 )
 
 
-def load_prepare_synthetic():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_synthetic", REPO / "datasets" / "prepare_synthetic.py"
-    )
+def load_repo_module(relative_path: str):
+    """Import a script of the repository (not a package module) by its path, e.g.
+    ``load_repo_module("datasets/prepare_synthetic.py")``."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_prepare_synthetic():
+    return load_repo_module("datasets/prepare_synthetic.py")
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,10 @@
 """End to end through train_net.py: train a few iterations, evaluate with every evaluator, and a
 model that overfits one image scores PQ far above an untrained one."""
 
-import importlib.util
 import math
 
 import pytest
-from conftest import REPO, TINY_CONFIG, load_prepare_synthetic
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import TINY_CONFIG, load_prepare_synthetic, load_repo_module
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def run(train_net, out_dir, *opts, eval_only=False):
 
 
 def test_train_then_eval_only_with_every_evaluator(one_image_dataset, tmp_path):
-    train_net = load_train_net()
+    train_net = load_repo_module("train_net.py")
     untrained = run(train_net, tmp_path / "untrained", "MODEL.WEIGHTS", "", eval_only=True)
     assert set(untrained) == {"panoptic_seg", "parsing_covering", "sem_seg", "bbox", "segm"}
     assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(untrained["panoptic_seg"])

@@ -6,7 +6,6 @@ a leading zero), crowd segments, void pixels (id 0) and pixels whose segment id 
 ``segments_info`` (also void).
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_repo_module
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
@@ -69,14 +69,7 @@ SPLIT_KEYS = {
 REGISTERED_SPLIT = {"train": "training", "val": "validation"}
 
 
-def _load_prepare_module():
-    spec = importlib.util.spec_from_file_location("prepare_mapillary_vistas", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _load_prepare_module()
+prepare = load_repo_module("datasets/prepare_mapillary_vistas.py")
 
 
 def _fake_image(rng: np.random.Generator, with_crowd: bool):

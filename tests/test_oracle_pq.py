@@ -1,18 +1,14 @@
 """Oracle: ideal head outputs built from the ground truth of the synthetic val split, run
 through the real post-processing and scored by panopticapi, must give PQ >= 99."""
 
-import importlib.util
-
-from conftest import REPO, load_prepare_synthetic
+from conftest import load_prepare_synthetic, load_repo_module
 
 
 def test_oracle_pq_on_synthetic_val(tmp_path):
     load_prepare_synthetic().prepare_synthetic(
         str(tmp_path), num_train=1, num_val=40, verbose=False
     )
-    spec = importlib.util.spec_from_file_location("oracle_pq", REPO / "benchmarks" / "oracle_pq.py")
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
+    oracle = load_repo_module("benchmarks/oracle_pq.py")
     pq, table = oracle.run_oracle(str(tmp_path), "val", verbose=False)
     assert pq["All"]["pq"] * 100 >= 99.0, pq["All"]
     assert pq["Stuff"]["pq"] * 100 >= 99.0, pq["Stuff"]

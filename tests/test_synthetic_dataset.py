@@ -1,12 +1,12 @@
 """Tests of the synthetic COCO-panoptic dataset: generator and Detectron2 registration."""
 
-import importlib.util
 import json
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_prepare_synthetic
 from PIL import Image
 
 from deeperlab_d2.data.datasets.synthetic_categories import (
@@ -19,15 +19,7 @@ HEIGHT, WIDTH = 192, 256  # the defaults; H != W
 NUM_TRAIN, NUM_VAL = 10, 4
 
 
-def _load_prepare_module():
-    path = REPO / "datasets" / "prepare_synthetic.py"
-    spec = importlib.util.spec_from_file_location("prepare_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _load_prepare_module()
+prepare = load_prepare_synthetic()
 
 
 def _generate(root: Path, seed: int = 0, **kwargs) -> Path:
