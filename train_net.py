@@ -13,6 +13,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.utils.logger import setup_logger
 
 from deeperlab_d2 import DeeperLabDatasetMapper, add_deeperlab_config
 from deeperlab_d2.evaluation import build_evaluator, summary_table
@@ -46,6 +47,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # the plugin's own logger (summary table, ...) goes to the console and OUTPUT_DIR/log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deeperlab_d2")
     return cfg
 
 
@@ -56,18 +59,19 @@ def main(args):
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return report(Trainer.test(cfg, model))
+        return report(Trainer.test(cfg, model), cfg.DATASETS.TEST)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
     # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set
-    return report(getattr(trainer, "_last_eval_results", None))
+    return report(getattr(trainer, "_last_eval_results", None), cfg.DATASETS.TEST)
 
 
-def report(results):
+def report(results, dataset_names):
     """Log one table of the main metrics (PQ, PC, mIoU, AP) of every evaluated dataset."""
     if results and comm.is_main_process():
-        logging.getLogger("deeperlab_d2").info("Evaluation summary:\n" + summary_table(results))
+        table = summary_table(results, dataset_name=dataset_names[0] if dataset_names else "")
+        logging.getLogger("deeperlab_d2").info("Evaluation summary:\n" + table)
     return results
 
 

@@ -117,8 +117,14 @@ def match_segments(gt_ids, gt_segments, pred_ids, pred_segments):
     return ious
 
 
-def run_oracle(root, split="val", config=TINY_CONFIG, verbose=True):
-    """Returns (panopticapi results dict, hard-case table dict)."""
+def run_oracle(root, split="val", config=TINY_CONFIG, verbose=True, make_outputs=None, opts=()):
+    """Returns (panopticapi results dict, hard-case table dict).
+
+    ``make_outputs(record, ideal)``, when given, replaces the ideal head outputs of each image
+    (a tuple ``(sem_seg, heatmap, short, mid, long)``, batch of one) by its return value; the
+    diagnosis script uses it to mix a trained model's outputs with the ideal ones. ``opts`` are
+    extra config key/value pairs.
+    """
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from panopticapi.evaluation import pq_compute
@@ -131,6 +137,7 @@ def run_oracle(root, split="val", config=TINY_CONFIG, verbose=True):
     cfg = get_cfg()
     add_deeperlab_config(cfg)
     cfg.merge_from_file(config)
+    cfg.merge_from_list(list(opts))
     prefix = "oracle_synthetic"
     register_deeperlab_synthetic(root, prefix=prefix)
     name = f"{prefix}_{split}"
@@ -158,6 +165,8 @@ def run_oracle(root, split="val", config=TINY_CONFIG, verbose=True):
         for s in segs:
             sem_gt[gt_ids == s["id"]] = s["category_id"]
         outs = ideal_outputs(targets, num_classes, void_class, torch.from_numpy(sem_gt))
+        if make_outputs is not None:
+            outs = make_outputs(rec, outs)
         (res,) = deeperlab_panoptic_inference(*outs, thing_ids, pp)
         pred = res["panoptic"].numpy()
         file_name = os.path.splitext(os.path.basename(rec["pan_seg_file_name"]))[0] + ".png"

@@ -66,6 +66,11 @@ def test_train_then_eval_only_with_every_evaluator(one_image_dataset, tmp_path):
         "0",
     )
     trained = run(train_net, out, "MODEL.WEIGHTS", str(out / "model_final.pth"), eval_only=True)
+    # --eval-only prints one table of the main metrics (console and OUTPUT_DIR/log.txt)
+    log = (out / "log.txt").read_text()
+    summary = log[log.rindex("Evaluation summary:") :].splitlines()
+    assert summary[1].startswith("| dataset | PQ |") and summary[3].startswith("| e2e_one_train |")
+    assert f"| {trained['panoptic_seg']['PQ']:.2f} |" in summary[3]
     for task, keys in (
         ("panoptic_seg", ("PQ", "SQ", "RQ")),
         ("parsing_covering", ("PC",)),

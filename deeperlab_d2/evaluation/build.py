@@ -81,12 +81,13 @@ SUMMARY_COLUMNS = (
 )
 
 
-def summary_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+def summary_table(results: Dict[str, Dict[str, Dict[str, float]]], dataset_name: str = "") -> str:
     """One markdown table (a row per dataset) of the main metrics of ``DefaultTrainer.test``
-    results (``{dataset: {task: {metric: value}}}``, or the single-dataset ``{task: ...}``)."""
+    results (``{dataset: {task: {metric: value}}}``, or the single-dataset ``{task: ...}``,
+    whose row is named ``dataset_name``)."""
     tasks_known = {task for _, task, _ in SUMMARY_COLUMNS}
     if results and all(task in tasks_known for task in results):
-        results = {"": results}
+        results = {dataset_name: results}
     header = "| dataset | " + " | ".join(c for c, _, _ in SUMMARY_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(SUMMARY_COLUMNS) + 1)]
     for name, tasks in results.items():
