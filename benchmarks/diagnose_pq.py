@@ -13,6 +13,9 @@ four mixtures of the model's outputs with the ideal outputs of ``oracle_pq.py``:
 * ``ideal instances``: predicted semantics, ideal heatmaps and offsets;
 * ``ideal``: the oracle (the post-processing's own ceiling).
 
+It also prints the semantic confusion matrix (rows: ground-truth class, % of its pixels;
+columns: predicted class), which tells thing/stuff confusion from confusion among things.
+
 Only for the synthetic dataset (images are scored at their own size, 192x256).
 """
 
@@ -85,7 +88,24 @@ def diagnose(root, split, config_file, weights, opts=()):
             root, split, config_file, verbose=False, make_outputs=mixers[name], opts=opts
         )
         rows[name] = pq
-    return rows
+    return rows, confusion_matrix(cache, root, split)
+
+
+def confusion_matrix(cache, root, split):
+    """[C, C] pixel counts (ground truth x prediction) over the images in ``cache``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from PIL import Image
+
+    name = f"oracle_synthetic_{split}"  # registered by oracle_pq.run_oracle
+    classes = MetadataCatalog.get(name).stuff_classes
+    C = len(classes)
+    counts = np.zeros((C, C), dtype=np.int64)
+    for rec in DatasetCatalog.get(name):
+        pred = cache[rec["file_name"]][0][0].argmax(0).numpy()
+        gt = np.asarray(Image.open(rec["sem_seg_file_name"])).astype(np.int64)
+        valid = gt < C
+        counts += np.bincount(gt[valid] * C + pred[valid], minlength=C * C).reshape(C, C)
+    return classes, counts
 
 
 def main(argv=None):
@@ -99,7 +119,9 @@ def main(argv=None):
     for path in (args.config_file, args.weights):
         if not os.path.isfile(path):
             parser.error(f"no such file: {path}")
-    rows = diagnose(args.root, args.split, args.config_file, args.weights, args.opts)
+    rows, (classes, counts) = diagnose(
+        args.root, args.split, args.config_file, args.weights, args.opts
+    )
     print("| outputs | PQ | SQ | RQ | PQ things | RQ things | PQ stuff |")
     print("|---|---|---|---|---|---|---|")
     for name, pq in rows.items():
@@ -108,6 +130,12 @@ def main(argv=None):
             f"| {name} | {100 * a['pq']:.2f} | {100 * a['sq']:.2f} | {100 * a['rq']:.2f} "
             f"| {100 * t['pq']:.2f} | {100 * t['rq']:.2f} | {100 * s['pq']:.2f} |"
         )
+    print()
+    print("| ground truth \\ predicted (% of pixels) | " + " | ".join(classes) + " |")
+    print("|---|" + "---|" * len(classes))
+    share = 100.0 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    for name, row in zip(classes, share):
+        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
     return 0
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(
-    REPO, "configs", "synthetic", "deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+    REPO, "configs", "synthetic", "deeperlab_WMNV2-tiny_os16_poly_1200it_bs4_crop192x256.yaml"
 )
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: install, prepare the built-in synthetic dataset, train the tiny config on CPU,
-# evaluate it on the synthetic val split (PQ, Parsing Covering, mIoU, AP) and draw pictures.
+# evaluate it on the synthetic val split (PQ, Parsing Covering, mIoU, AP), draw pictures and
+# break the PQ down by branch (benchmarks/diagnose_pq.py).
 # Extra arguments are passed to train_net.py as config overrides, e.g. SOLVER.MAX_ITER 200.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,7 +9,7 @@ cd "$ROOT"
 bash scripts/install.sh
 PY="${DEEPERLAB_VENV:-$ROOT/.venv}/bin/python"
 export DETECTRON2_DATASETS="${DETECTRON2_DATASETS:-$ROOT/datasets}"
-CONFIG="${CONFIG:-configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml}"
+CONFIG="${CONFIG:-configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_1200it_bs4_crop192x256.yaml}"
 OUTPUT="${OUTPUT:-output/synthetic_tiny}"
 
 T0=$(date +%s)
@@ -18,5 +19,8 @@ T0=$(date +%s)
 "$PY" demo.py --config-file "$CONFIG" --input "$DETECTRON2_DATASETS/deeperlab_synthetic/val" \
   --max-images 6 --ground-truth deeperlab_synthetic_val --keypoint-maps --output "$OUTPUT/pictures" \
   --opts MODEL.WEIGHTS "$OUTPUT/model_final.pth" "$@"
+# where the PQ is lost: the model's outputs with the semantic / instance branch made ideal
+"$PY" benchmarks/diagnose_pq.py --config-file "$CONFIG" --weights "$OUTPUT/model_final.pth" \
+  --root "$DETECTRON2_DATASETS" "$@" | tee "$OUTPUT/diagnosis.md"
 echo "[main] done in $(( $(date +%s) - T0 )) s: checkpoints, logs (metrics.json, TensorBoard),"
-echo "[main] evaluation results (inference/) and pictures (pictures/) in $OUTPUT"
+echo "[main] evaluation results (inference/), pictures (pictures/) and diagnosis.md in $OUTPUT"

@@ -8,7 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = (
-    REPO / "configs" / "synthetic" / "deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+    REPO / "configs" / "synthetic" / "deeperlab_WMNV2-tiny_os16_poly_1200it_bs4_crop192x256.yaml"
 )
 
 

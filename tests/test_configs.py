@@ -66,7 +66,7 @@ def test_paper_decoder_width():
 def test_resnet_backbone_by_config_alone():
     cfg = load(
         os.path.join(
-            ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+            ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_1200it_bs4_crop192x256.yaml"
         ),
         "MODEL.BACKBONE.NAME",
         "build_resnet_backbone",
@@ -87,7 +87,7 @@ def test_resnet_backbone_by_config_alone():
 
 
 TINY = os.path.join(
-    ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_2k_bs4_crop192x256.yaml"
+    ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_1200it_bs4_crop192x256.yaml"
 )
 
 
