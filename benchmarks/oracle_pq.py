@@ -4,7 +4,7 @@
 Builds the *ideal* head outputs from the ground truth (targets -> logits/offsets), runs the real
 post-processing, scores it with panopticapi, and reports PQ on the hard cases separately.
 
-    python benchmarks/oracle_pq.py [--root DIR] [--config CFG] [--split val]
+    python benchmarks/oracle_pq.py [--root DIR] [--config CFG] [--split val] [KEY VALUE ...]
 
 Ideal outputs: semantic logits one-hot (x10) of the semantic target, where void pixels get the
 first stuff class and crowd pixels their (thing) class, as a perfect model would see them;
@@ -214,8 +214,9 @@ def main(argv=None):
     parser.add_argument("--root", default=os.getenv("DETECTRON2_DATASETS", "datasets"))
     parser.add_argument("--split", default="val")
     parser.add_argument("--config", default=TINY_CONFIG)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = parser.parse_args(argv)
-    pq, table = run_oracle(args.root, args.split, args.config, verbose=False)
+    pq, table = run_oracle(args.root, args.split, args.config, verbose=False, opts=args.opts)
     print("| split | PQ | SQ | RQ | PQ things | PQ stuff |")
     print("|---|---|---|---|---|---|")
     a, t, s = pq["All"], pq["Things"], pq["Stuff"]

@@ -82,8 +82,17 @@ def test_train_then_eval_only_with_every_evaluator(one_image_dataset, tmp_path):
     ):
         for key in keys:
             assert not math.isnan(trained[task][key]) and not math.isnan(untrained[task][key]), key
-    # measured once here: untrained PQ 17.0 / PC 22.7 / mIoU 11.4 (stuff only), after 150
-    # iterations on the image PQ 86.9 / PC 91.3 / mIoU 92.7 / mask AP 67.7
+    summary_line = {
+        k: round(trained[t][k], 1)
+        for t, k in (
+            ("panoptic_seg", "PQ"),
+            ("panoptic_seg", "PQ_th"),
+            ("parsing_covering", "PC"),
+            ("sem_seg", "mIoU"),
+            ("segm", "AP"),
+        )
+    }
+    print("untrained PQ", round(untrained["panoptic_seg"]["PQ"], 1), "trained", summary_line)
     assert trained["panoptic_seg"]["PQ"] > untrained["panoptic_seg"]["PQ"] + 40
     assert trained["panoptic_seg"]["PQ_th"] > 50
     assert trained["parsing_covering"]["PC"] > untrained["parsing_covering"]["PC"] + 40
