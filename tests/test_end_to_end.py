@@ -93,6 +93,8 @@ def test_train_then_eval_only_with_every_evaluator(one_image_dataset, tmp_path):
         )
     }
     print("untrained PQ", round(untrained["panoptic_seg"]["PQ"], 1), "trained", summary_line)
+    # measured once here (pytest -s): untrained PQ 0.0; after 150 iterations on the image
+    # PQ 87.1 / PQ_th 80.7 / PC 92.3 / mIoU 92.9 / mask AP 67.7
     assert trained["panoptic_seg"]["PQ"] > untrained["panoptic_seg"]["PQ"] + 40
     assert trained["panoptic_seg"]["PQ_th"] > 50
     assert trained["parsing_covering"]["PC"] > untrained["parsing_covering"]["PC"] + 40
