@@ -57,7 +57,7 @@ def model_outputs(model, file_name):
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
     h, w = x.shape[-2:]
     div = model.size_divisibility
-    if h % div or w % div:
+    if div and (h % div or w % div):
         raise ValueError(f"{file_name}: {h}x{w} is not a multiple of {div}")
     x = (x - model.pixel_mean.cpu()) / model.pixel_std.cpu()
     with torch.no_grad():
@@ -88,10 +88,10 @@ def diagnose(root, split, config_file, weights, opts=()):
             root, split, config_file, verbose=False, make_outputs=mixers[name], opts=opts
         )
         rows[name] = pq
-    return rows, confusion_matrix(cache, root, split)
+    return rows, confusion_matrix(cache, split)
 
 
-def confusion_matrix(cache, root, split):
+def confusion_matrix(cache, split):
     """[C, C] pixel counts (ground truth x prediction) over the images in ``cache``."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from PIL import Image
