@@ -28,6 +28,8 @@ import os
 import sys
 import time
 
+from detectron2.engine import HookBase
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -97,24 +99,19 @@ def panoptic_deeplab_cfg(cfg):
     return cfg
 
 
-class StepTimer:
-    """A Detectron2 hook: wall time of every ``run_step`` after the first WARMUP_STEPS."""
+class StepTimer(HookBase):
+    """Wall time of every ``run_step`` after the first WARMUP_STEPS."""
 
     def __init__(self):
-        from detectron2.engine import HookBase
-
-        timer = self
-
-        class _Hook(HookBase):
-            def before_step(self):
-                timer._t0 = time.perf_counter()
-
-            def after_step(self):
-                if self.trainer.iter - self.trainer.start_iter >= WARMUP_STEPS:
-                    timer.times.append(time.perf_counter() - timer._t0)
-
         self.times = []
-        self.hook = _Hook()
+        self._t0 = 0.0
+
+    def before_step(self):
+        self._t0 = time.perf_counter()
+
+    def after_step(self):
+        if self.trainer.iter - self.trainer.start_iter >= WARMUP_STEPS:
+            self.times.append(time.perf_counter() - self._t0)
 
     @property
     def mean(self):
@@ -160,7 +157,7 @@ def train_and_evaluate(kind, cfg):
     default_setup(cfg, argparse.Namespace(config_file="", opts=[], eval_only=False, resume=False))
     trainer = trainer_class(kind)(cfg)
     timer = StepTimer()
-    trainer.register_hooks([timer.hook])
+    trainer.register_hooks([timer])
     trainer.resume_or_load(resume=False)
     trainer.train()
     results = getattr(trainer, "_last_eval_results", None) or {}
