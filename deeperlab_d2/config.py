@@ -89,17 +89,19 @@ def add_deeperlab_config(cfg):
     # normalized by the disk area pi * KEYPOINT_RADIUS^2).
     _C.MODEL.DEEPERLAB.POST_PROCESS.SHORT_VOTE_WEIGHT = 1.0
     _C.MODEL.DEEPERLAB.POST_PROCESS.LONG_VOTE_WEIGHT = 1.0
-    # Pixels whose keypoint probability is below this cast no short-range vote.
+    # Pixels whose keypoint probability is below this cast no short-range vote (in [0, 1]).
     _C.MODEL.DEEPERLAB.POST_PROCESS.MIN_VOTE_PROB = 0.01
-    # Local maxima: max-pool window and minimum fused-map value; at most MAX_KEYPOINTS per type.
+    # Local maxima: max-pool window and minimum fused-map value (a vote density, not a
+    # probability: it may exceed 1); at most MAX_KEYPOINTS per type.
     _C.MODEL.DEEPERLAB.POST_PROCESS.PEAK_KERNEL = 5
     _C.MODEL.DEEPERLAB.POST_PROCESS.PEAK_THRESHOLD = 0.01
     _C.MODEL.DEEPERLAB.POST_PROCESS.MAX_KEYPOINTS = 200
-    # Expected-OKS rescoring: Gaussian width (px) and minimum keypoint score.
+    # Expected-OKS rescoring: Gaussian width (px) and minimum keypoint score (in [0, 1]).
     _C.MODEL.DEEPERLAB.POST_PROCESS.OKS_SIGMA = 3.0
     _C.MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_THRESHOLD = 0.1
     # A keypoint this close (px) to the same-type keypoint of a detected instance is rejected.
     _C.MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_NMS_RADIUS = 10.0
+    # Minimum instance score (in [0, 1]).
     _C.MODEL.DEEPERLAB.POST_PROCESS.INSTANCE_SCORE_THRESHOLD = 0.1
     _C.MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD = 0.7
     _C.MODEL.DEEPERLAB.POST_PROCESS.MAX_INSTANCES = 200
@@ -120,6 +122,12 @@ def add_deeperlab_config(cfg):
     _C.INPUT.CROP.TYPE = "absolute"
     _C.INPUT.CROP.SIZE = (513, 513)
     _C.INPUT.RANDOM_FLIP = "horizontal"
+
+    # A training image whose panoptic PNG contains none of the segments its segments_info lists
+    # (wrong id encoding, palette PNG, off-by-one ids, wrong file): "error" stops with a message
+    # naming the file; "skip" replaces it by another image (a warning names it). Partial
+    # mismatches are always a warning, once per file.
+    _C.DATALOADER.ON_ANNOTATION_MISMATCH = "error"
 
     # "SGD", "ADAM" or "ADAMW".
     _C.SOLVER.OPTIMIZER = "SGD"
@@ -148,6 +156,10 @@ def check_deeperlab_config(cfg):
     odd_kernel = (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd integer >= 1")
     non_negative = (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
     positive = (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
+    probability = (
+        lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0,
+        "a probability in [0, 1]",
+    )
     rules = {
         "MODEL.DEEPERLAB.NUM_CLASSES": positive_int,
         "MODEL.DEEPERLAB.IGNORE_VALUE": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
@@ -177,6 +189,10 @@ def check_deeperlab_config(cfg):
             lambda v: v in ("none", "horizontal", "vertical"),
             "one of none, horizontal, vertical",
         ),
+        "DATALOADER.ON_ANNOTATION_MISMATCH": (
+            lambda v: v in ("error", "skip"),
+            "'error' or 'skip'",
+        ),
         "SOLVER.OPTIMIZER": (lambda v: v.upper() in ("SGD", "ADAM", "ADAMW"), "SGD, ADAM or ADAMW"),
         "SOLVER.POLY_LR_POWER": positive,
         "MODEL.DEEPERLAB.POST_PROCESS.REFINE_STEPS": (
@@ -185,14 +201,14 @@ def check_deeperlab_config(cfg):
         ),
         "MODEL.DEEPERLAB.POST_PROCESS.SHORT_VOTE_WEIGHT": non_negative,
         "MODEL.DEEPERLAB.POST_PROCESS.LONG_VOTE_WEIGHT": non_negative,
-        "MODEL.DEEPERLAB.POST_PROCESS.MIN_VOTE_PROB": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.MIN_VOTE_PROB": probability,
         "MODEL.DEEPERLAB.POST_PROCESS.PEAK_KERNEL": odd_kernel,
         "MODEL.DEEPERLAB.POST_PROCESS.PEAK_THRESHOLD": non_negative,
         "MODEL.DEEPERLAB.POST_PROCESS.MAX_KEYPOINTS": positive_int,
         "MODEL.DEEPERLAB.POST_PROCESS.OKS_SIGMA": positive,
-        "MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_THRESHOLD": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_THRESHOLD": probability,
         "MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_NMS_RADIUS": non_negative,
-        "MODEL.DEEPERLAB.POST_PROCESS.INSTANCE_SCORE_THRESHOLD": non_negative,
+        "MODEL.DEEPERLAB.POST_PROCESS.INSTANCE_SCORE_THRESHOLD": probability,
         "MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
         "MODEL.DEEPERLAB.POST_PROCESS.MAX_INSTANCES": positive_int,
         "MODEL.DEEPERLAB.POST_PROCESS.THING_AREA": non_negative,
@@ -213,6 +229,33 @@ def check_deeperlab_config(cfg):
             f"config key MODEL.DEEPERLAB.NORM must be a Detectron2 norm name (BN, SyncBN, GN, "
             f"...), got {cfg.MODEL.DEEPERLAB.NORM!r}"
         )
+
+
+def dataset_num_classes(dataset_name: str):
+    """Number of semantic classes (things + stuff) of a registered dataset, from its metadata
+    (the largest contiguous id + 1), or None if its metadata has no class maps (yet)."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset_name)
+    ids = []
+    for key in ("thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id"):
+        ids += list(getattr(meta, key, {}).values())
+    return max(ids) + 1 if ids else None
+
+
+def check_num_classes(cfg):
+    """Raise ``ValueError`` if MODEL.DEEPERLAB.NUM_CLASSES differs from the number of classes of
+    a dataset in DATASETS.TRAIN / DATASETS.TEST (datasets without class metadata are skipped)."""
+    expected = cfg.MODEL.DEEPERLAB.NUM_CLASSES
+    for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+        for name in _get(cfg, key):
+            found = dataset_num_classes(name)
+            if found is not None and found != expected:
+                raise ValueError(
+                    f"config key MODEL.DEEPERLAB.NUM_CLASSES is {expected} but dataset {name!r} "
+                    f"({key}) has {found} classes (things + stuff): set "
+                    f"MODEL.DEEPERLAB.NUM_CLASSES {found}"
+                )
 
 
 def post_process_config(cfg):

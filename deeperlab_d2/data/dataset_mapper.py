@@ -1,8 +1,8 @@
-"""Training dataset mapper: read, augment, convert, then make the DeeperLab targets."""
+"""Training dataset mapper: read, check, augment, convert, then make the DeeperLab targets."""
 
 import copy
 import logging
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import numpy as np
 import torch
@@ -12,25 +12,53 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from panopticapi.utils import rgb2id
 
+from .io import (
+    AnnotationMismatchError,
+    DatasetFileError,
+    describe_ids,
+    panoptic_id_mismatch,
+    read_image_or_raise,
+)
 from .target_generator import DeeperLabTargetGenerator
 
-__all__ = ["DeeperLabDatasetMapper", "read_image_or_raise"]
+__all__ = [
+    "AnnotationMismatchError",
+    "DatasetFileError",
+    "DeeperLabDatasetMapper",
+    "check_panoptic_annotation",
+    "read_image_or_raise",
+]
+
+logger = logging.getLogger(__name__)
 
 
-class DatasetFileError(RuntimeError):
-    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
+def check_panoptic_annotation(panoptic: np.ndarray, segments_info: List[dict], pan_file: str):
+    """Compare a decoded panoptic PNG with its ``segments_info``.
 
-
-def read_image_or_raise(file_name: str, fmt: Optional[str], what: str = "image") -> np.ndarray:
-    """``detectron2.data.detection_utils.read_image`` with an error that names the file.
+    Returns:
+        a warning message (str) if some listed segments are absent from the PNG or the PNG has
+        non-zero ids that are not listed, else None.
 
     Raises:
-        DatasetFileError: if the file is missing or cannot be decoded.
+        AnnotationMismatchError: if segments are listed (or the PNG is not all void) but no
+            listed segment is present in the PNG: every pixel would silently become void.
     """
-    try:
-        return utils.read_image(file_name, format=fmt)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these on bad files
-        raise DatasetFileError(f"cannot read {what} {file_name!r}: {e}") from e
+    missing, unlisted, present = panoptic_id_mismatch(panoptic, segments_info)
+    if not missing and not unlisted:
+        return None
+    found = len(segments_info) - len(missing)
+    detail = (
+        f"{len(missing)} of its {len(segments_info)} listed segments are absent from the PNG "
+        f"(ids {describe_ids(missing)}) and {len(unlisted)} ids of the PNG are not listed "
+        f"(ids {describe_ids(unlisted)})"
+    )
+    if found == 0:
+        raise AnnotationMismatchError(
+            f"panoptic annotation {pan_file!r} matches none of its segments_info: {detail}. The "
+            "ids of a COCO-panoptic PNG are R + 256*G + 256^2*B of an RGB PNG (not a palette or "
+            "a class map); check the PNG encoding and that the json names the right PNG"
+        )
+    return f"panoptic annotation {pan_file!r}: {detail}; those pixels are treated as void"
 
 
 class DeeperLabDatasetMapper:
@@ -51,7 +79,27 @@ class DeeperLabDatasetMapper:
         augmentations: List[T.Augmentation],
         image_format: str,
         target_generator: Callable,
+        on_annotation_mismatch: str = "error",
     ):
+        """
+        Args:
+            is_train: training mode (augmentations, targets).
+            augmentations: Detectron2 augmentations applied to the image and the PNG.
+            image_format: ``INPUT.FORMAT``.
+            target_generator: callable(panoptic ids, segments_info) -> dict of target tensors.
+            on_annotation_mismatch: what to do with an image whose PNG contains none of the
+                segments it lists: ``"error"`` raises :class:`AnnotationMismatchError`;
+                ``"skip"`` raises it too, and the train loader (see
+                :func:`deeperlab_d2.data.build_train_loader`) replaces the image by another.
+                Partial mismatches are a warning, once per file, in both modes.
+        """
+        if on_annotation_mismatch not in ("error", "skip"):
+            raise ValueError(
+                "on_annotation_mismatch (config key DATALOADER.ON_ANNOTATION_MISMATCH) must be "
+                f"'error' or 'skip', got {on_annotation_mismatch!r}"
+            )
+        self.on_annotation_mismatch = on_annotation_mismatch
+        self._checked_files = set()  # PNGs already compared with their segments_info
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
@@ -98,6 +146,7 @@ class DeeperLabDatasetMapper:
             "augmentations": augs,
             "image_format": cfg.INPUT.FORMAT,
             "target_generator": target_generator,
+            "on_annotation_mismatch": cfg.DATALOADER.ON_ANNOTATION_MISMATCH,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -121,6 +170,12 @@ class DeeperLabDatasetMapper:
                 f"but image {image_file!r} is {image.shape[1]}x{image.shape[0]}"
             )
         segments_info = dataset_dict.pop("segments_info")
+        if pan_file not in self._checked_files:
+            # before augmentation: a crop may legitimately remove segments
+            warning = check_panoptic_annotation(rgb2id(pan_rgb), segments_info, pan_file)
+            self._checked_files.add(pan_file)
+            if warning:
+                logger.warning(warning)
 
         # The RGB-encoded ids are transformed as a segmentation (nearest), then decoded.
         aug_input = T.AugInput(image, sem_seg=pan_rgb)

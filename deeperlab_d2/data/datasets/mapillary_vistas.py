@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Dict, List, Optional
 
+from ..io import read_json_or_raise
 from .registration import register_panoptic_split
 
 __all__ = [
@@ -184,8 +185,7 @@ def load_mapillary_vistas_panoptic(
         "semantic label",
         f"Generate the semantic labels first with `{PREPARE_HINT} --root <datasets root>`.",
     )
-    with open(json_file) as f:
-        pan_json = json.load(f)
+    pan_json = read_json_or_raise(json_file, "Mapillary Vistas panoptic annotations")
 
     thing_map = meta["thing_dataset_id_to_contiguous_id"]
     stuff_map = meta["stuff_dataset_id_to_contiguous_id"]

@@ -9,6 +9,7 @@ lazy and works without the data; loading a split that has not been generated rai
 import os
 from typing import Dict, List
 
+from .coco_panoptic import load_panoptic_json
 from .registration import register_panoptic_split
 from .synthetic_categories import (
     SYNTHETIC_CATEGORIES,
@@ -75,7 +76,8 @@ def load_deeperlab_synthetic(
 ) -> List[dict]:
     """Load one split in Detectron2's standard panoptic format.
 
-    Uses detectron2's ``load_coco_panoptic_json`` and adds ``sem_seg_file_name`` to each record.
+    Uses :func:`load_panoptic_json` (Detectron2's records, with errors that name the file, image
+    and segment) and adds ``sem_seg_file_name`` to each record.
 
     Args:
         panoptic_json: the COCO panoptic json.
@@ -90,23 +92,22 @@ def load_deeperlab_synthetic(
         ``sem_seg_file_name`` and ``segments_info`` (contiguous ``category_id``, ``isthing``).
 
     Raises:
-        FileNotFoundError: if the json or the first record's files do not exist.
+        FileNotFoundError: if the json or the semantic-label folder does not exist.
+        DatasetFileError: if the json is invalid or names an unknown category.
     """
-    from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
-
     if not os.path.isfile(panoptic_json):
         raise FileNotFoundError(
             f"Synthetic panoptic annotations not found: {panoptic_json}. Generate the dataset "
             f"first with `{PREPARE_HINT} --root <datasets root>` (the root is "
             f"$DETECTRON2_DATASETS, default ./datasets)."
         )
-    records = load_coco_panoptic_json(panoptic_json, image_root, panoptic_root, meta)
+    records = load_panoptic_json(panoptic_json, image_root, panoptic_root, meta)
     for record in records:
         name = os.path.basename(record["pan_seg_file_name"])
         record["sem_seg_file_name"] = os.path.join(sem_seg_root, name)
-    if records and not os.path.isfile(records[0]["sem_seg_file_name"]):
+    if not os.path.isdir(sem_seg_root):
         raise FileNotFoundError(
-            f"Synthetic semantic label not found: {records[0]['sem_seg_file_name']}. "
+            f"Synthetic semantic labels not found: {sem_seg_root}. "
             f"Regenerate the dataset with `{PREPARE_HINT}`."
         )
     return records
