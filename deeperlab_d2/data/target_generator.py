@@ -18,6 +18,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from .semantic_targets import semantic_targets
+
 KEYPOINT_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 NUM_KEYPOINTS = len(KEYPOINT_NAMES)
 CENTER = KEYPOINT_NAMES.index("center")
@@ -110,8 +112,14 @@ class DeeperLabTargetGenerator:
         height, width = panoptic.shape
         P, R = NUM_KEYPOINTS, self.keypoint_radius
 
-        sem_seg = np.full((height, width), self.ignore_label, dtype=np.int64)
-        sem_weights = np.ones((height, width), dtype=np.float32)
+        sem_seg, sem_weights = semantic_targets(
+            panoptic,
+            segments_info,
+            self.ignore_label,
+            self.thing_ids,
+            self.small_instance_area,
+            self.small_instance_weight,
+        )
         heat_weights = np.ones((height, width), dtype=np.float32)
         if self.ignore_void_in_heatmap:
             heat_weights[:] = 0.0
@@ -127,23 +135,17 @@ class DeeperLabTargetGenerator:
             crowd = bool(seg.get("iscrowd", 0))
             if crowd:
                 heat_weights[mask] = 0.0
-                sem_weights[mask] = 0.0
                 continue
-            sem_seg[mask] = category
             if self.ignore_void_in_heatmap:
                 heat_weights[mask] = 1.0
             if category not in self.thing_ids:
                 continue
-            area = int(mask.sum())
-            if area < self.small_instance_area:
-                sem_weights[mask] = self.small_instance_weight
             kps = instance_keypoints(mask)
             instance_keypoints_list.append(kps)
             ys, xs = np.nonzero(mask)
             long_offsets[:, 0, ys, xs] = kps[:, 0:1] - ys[None]
             long_offsets[:, 1, ys, xs] = kps[:, 1:2] - xs[None]
             long_weights[mask] = 1.0
-        sem_weights[sem_seg == self.ignore_label] = 0.0
 
         keypoints = (
             np.stack(instance_keypoints_list).astype(np.float32)
