@@ -29,6 +29,9 @@ def add_deeperlab_config(cfg):
     # DeeperLab
     # ---------------------------------------------------------------------------------------
     _C.MODEL.DEEPERLAB = CN()
+    # Instance representation (a name of INSTANCE_BRANCHES_REGISTRY): "keypoints" (DeeperLab's
+    # five keypoints and offsets) or "center" (Panoptic-DeepLab's center heatmap and offsets).
+    _C.MODEL.DEEPERLAB.INSTANCE_REPRESENTATION = "keypoints"
     # Backbone feature fed to ASPP, and the stride-4 low-level feature used by the decoder.
     _C.MODEL.DEEPERLAB.IN_FEATURE = "res5"
     _C.MODEL.DEEPERLAB.LOW_LEVEL_FEATURE = "res2"
@@ -80,6 +83,21 @@ def add_deeperlab_config(cfg):
     _C.MODEL.DEEPERLAB.LOSS.LONG_OFFSET_WEIGHT = 0.1
     # Offsets (px) are divided by this before the L1 loss.
     _C.MODEL.DEEPERLAB.LOSS.OFFSET_NORMALIZER = 25.0
+
+    # Panoptic-DeepLab's center representation (INSTANCE_REPRESENTATION "center", SPEC §5).
+    _C.MODEL.DEEPERLAB.CENTER = CN()
+    # Standard deviation (px, input resolution) of the Gaussian center heatmap target.
+    _C.MODEL.DEEPERLAB.CENTER.SIGMA = 8.0
+    # MSE center-heatmap loss and L1 center-offset loss (offsets in pixels), as in the paper.
+    _C.MODEL.DEEPERLAB.CENTER.HEATMAP_LOSS_WEIGHT = 200.0
+    _C.MODEL.DEEPERLAB.CENTER.OFFSET_LOSS_WEIGHT = 0.01
+    # True: the center heads get their own ASPP + decoder (Panoptic-DeepLab's dual layout);
+    # False: they share DeeperLab's decoder with the semantic head.
+    _C.MODEL.DEEPERLAB.CENTER.DUAL_DECODER = False
+    # Inference: center heatmap threshold, max-pool NMS window, centers kept per image.
+    _C.MODEL.DEEPERLAB.CENTER.THRESHOLD = 0.1
+    _C.MODEL.DEEPERLAB.CENTER.NMS_KERNEL = 7
+    _C.MODEL.DEEPERLAB.CENTER.TOP_K = 200
 
     # Post-processing (inference): every threshold of SPEC §4.
     _C.MODEL.DEEPERLAB.POST_PROCESS = CN()
@@ -193,6 +211,12 @@ def check_deeperlab_config(cfg):
             lambda v: v in ("error", "skip"),
             "'error' or 'skip'",
         ),
+        "MODEL.DEEPERLAB.CENTER.SIGMA": positive,
+        "MODEL.DEEPERLAB.CENTER.HEATMAP_LOSS_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.CENTER.OFFSET_LOSS_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.CENTER.THRESHOLD": probability,
+        "MODEL.DEEPERLAB.CENTER.NMS_KERNEL": odd_kernel,
+        "MODEL.DEEPERLAB.CENTER.TOP_K": positive_int,
         "SOLVER.OPTIMIZER": (lambda v: v.upper() in ("SGD", "ADAM", "ADAMW"), "SGD, ADAM or ADAMW"),
         "SOLVER.POLY_LR_POWER": positive,
         "MODEL.DEEPERLAB.POST_PROCESS.REFINE_STEPS": (

@@ -1,4 +1,5 @@
-"""DeeperLab losses (SPEC §3): weighted bootstrapped CE, sigmoid CE heatmaps, masked L1 offsets."""
+"""Losses (SPEC §3, §5): weighted bootstrapped CE, sigmoid CE heatmaps, masked L1 offsets, and
+Panoptic-DeepLab's weighted MSE center heatmap."""
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +84,19 @@ def masked_l1_loss(
     mask = mask.to(pred.dtype)
     l1 = (pred - target).abs().sum(dim=2) / normalizer
     return (l1 * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def weighted_mse_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Squared error averaged over weighted pixels (Panoptic-DeepLab's center heatmap loss).
+
+    Args:
+        pred, target: float [B, K, H, W].
+        weights: float [B, H, W] (shared by the K channels).
+
+    Returns:
+        ``sum(w * (pred - target)^2) / sum(w)`` (0 if all weights are 0).
+    """
+    w = weights[:, None].to(pred.dtype)
+    return (((pred - target) ** 2) * w).sum() / w.sum().clamp(min=1.0)
