@@ -4,7 +4,8 @@
     python demo.py --config-file <cfg> --input img.jpg dir/ --output out/ \\
         [--ground-truth DATASET] [--keypoint-maps] --opts MODEL.WEIGHTS <checkpoint>
 
-For every input image (files, or every .jpg/.png in a folder) writes ``<output>/<name>.png``:
+For every input image (files, or every .jpg/.png in a folder) writes ``<output>/<name>.png``
+(an unreadable image is reported and skipped; the exit status is 1 only if none could be read):
 the panoptic result, side by side with the ground truth when ``--ground-truth`` names a
 registered dataset that contains the image. ``--keypoint-maps`` also writes
 ``<name>_keypoints.png``: the keypoint heatmaps and fused Hough score maps with the detected
@@ -19,7 +20,6 @@ import sys
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
@@ -28,8 +28,9 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from deeperlab_d2 import add_deeperlab_config
+from deeperlab_d2.checkpoint import load_model_weights
 from deeperlab_d2.config import post_process_config
-from deeperlab_d2.data import read_image_or_raise
+from deeperlab_d2.data import DatasetFileError, read_image_or_raise
 from deeperlab_d2.visualization import keypoint_maps_picture
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -43,6 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--ground-truth", default=None, help="registered dataset with the images")
     p.add_argument("--keypoint-maps", action="store_true", help="also draw heatmaps/score maps")
     p.add_argument("--max-images", type=int, default=0, help="stop after this many (0 = all)")
+    p.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="run even with an empty MODEL.WEIGHTS or a checkpoint that does not fit the model",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides")
     return p.parse_args(argv)
 
@@ -80,10 +86,11 @@ def setup_cfg(args):
 class Demo:
     """Model + test-time resize + drawing."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, allow_random_weights=False):
         self.cfg = cfg
         self.model = build_model(cfg).eval()
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        # an error naming the file and keys when the checkpoint is empty or does not fit
+        load_model_weights(self.model, cfg.MODEL.WEIGHTS, allow_random=allow_random_weights)
         self.aug = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
@@ -132,12 +139,18 @@ def main(argv=None):
         records = {
             os.path.abspath(r["file_name"]): r for r in DatasetCatalog.get(args.ground_truth)
         }
-    demo = Demo(cfg)
+    demo = Demo(cfg, allow_random_weights=args.allow_random_weights)
     os.makedirs(args.output, exist_ok=True)
     import cv2
 
+    skipped = []
     for i, path in enumerate(files):
-        rgb = read_image_or_raise(path, "RGB")
+        try:
+            rgb = read_image_or_raise(path, "RGB")
+        except DatasetFileError as e:  # report it, draw the others
+            logger.error(f"[{i + 1}/{len(files)}] skipped: {e}")
+            skipped.append(path)
+            continue
         out, resized = demo(rgb)
         picture = demo.draw_prediction(rgb, out)
         record = records.get(os.path.abspath(path))
@@ -150,7 +163,13 @@ def main(argv=None):
             cv2.imwrite(os.path.join(args.output, name + "_keypoints.png"), maps[..., ::-1])
         things = sum(s["isthing"] for s in out["panoptic_seg"][1])
         logger.info(f"[{i + 1}/{len(files)}] {path}: {things} instances -> {args.output}")
-    return 0
+    if skipped:
+        logger.warning(
+            f"{len(skipped)} of {len(files)} inputs could not be read and were skipped: "
+            + ", ".join(skipped)
+        )
+    # 0 when at least one picture was drawn; 1 when every input was unreadable
+    return 1 if len(skipped) == len(files) else 0
 
 
 if __name__ == "__main__":

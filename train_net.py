@@ -4,40 +4,59 @@
 python train_net.py --config-file configs/synthetic/<leaf>.yaml [--num-gpus N]
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
 python train_net.py --config-file <cfg> --resume
+python train_net.py --config-file <cfg> --check-data     # read every record once, report problems
+
+The trainer is :class:`deeperlab_d2.engine.Trainer`: ``--resume`` restores the model, the
+iteration, the optimizer state and the LR schedule of the newest complete checkpoint in
+OUTPUT_DIR. ``--eval-only`` stops with an error when MODEL.WEIGHTS is empty or does not fit the
+model, unless ``--allow-random-weights`` is given.
 """
 
 import logging
+import sys
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser as d2_default_argument_parser
+from detectron2.engine import default_setup, launch
 from detectron2.utils.logger import setup_logger
 
-from deeperlab_d2 import DeeperLabDatasetMapper, add_deeperlab_config
-from deeperlab_d2.evaluation import build_evaluator, summary_table
-from deeperlab_d2.solver import build_lr_scheduler, build_optimizer
+from deeperlab_d2 import add_deeperlab_config
+from deeperlab_d2.checkpoint import DeeperLabCheckpointer, load_model_weights
+from deeperlab_d2.engine import Trainer
+from deeperlab_d2.evaluation import summary_table
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with the DeeperLab mapper, evaluators, optimizer and poly LR schedule."""
+def default_argument_parser(epilog=None):
+    """Detectron2's parser plus ``--allow-random-weights``."""
+    parser = d2_default_argument_parser(epilog)
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="--eval-only: accept an empty MODEL.WEIGHTS or a checkpoint that does not fit the "
+        "model (those parameters stay randomly initialised) instead of stopping with an error",
+    )
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="read every record of DATASETS.TRAIN and DATASETS.TEST once (files exist and "
+        "decode, sizes agree, panoptic ids match segments_info, categories known), print one "
+        "report of every problem and exit (status 1 if any error)",
+    )
+    return parser
 
-    @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DeeperLabDatasetMapper(cfg, True))
 
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(cfg, dataset_name, output_folder)
+def check_data(cfg) -> int:
+    """Run the pre-flight data check; log the report; 0 if no error was found, else 1."""
+    from deeperlab_d2.data.check import check_datasets
 
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
-
-    @classmethod
-    def build_lr_scheduler(cls, cfg, optimizer):
-        return build_lr_scheduler(cfg, optimizer)
+    reports = check_datasets(cfg)
+    text = "\n".join(r.format() for r in reports)
+    errors = sum(r.num_errors for r in reports)
+    logging.getLogger("deeperlab_d2").info(
+        f"Data check ({errors} errors, {sum(r.num_warnings for r in reports)} warnings):\n{text}"
+    )
+    return 1 if errors else 0
 
 
 def setup(args):
@@ -54,11 +73,16 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    if getattr(args, "check_data", False):
+        return check_data(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        weights = cfg.MODEL.WEIGHTS
+        if args.resume:  # the last checkpoint of OUTPUT_DIR, when there is one
+            found = DeeperLabCheckpointer(model, cfg.OUTPUT_DIR).find_resume_checkpoint()
+            weights = found[0] if found else weights
+        allow_random = getattr(args, "allow_random_weights", False)
+        load_model_weights(model, weights, allow_random=allow_random)
         return report(Trainer.test(cfg, model), cfg.DATASETS.TEST)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -78,6 +102,8 @@ def report(results, dataset_names):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    if args.check_data:
+        sys.exit(main(args))
     launch(
         main,
         args.num_gpus,

@@ -331,3 +331,61 @@ def test_demo_skips_unreadable_images(synth_copy, tmp_path):
     assert code == 0
     drawn = sorted(p.name for p in out.iterdir())
     assert drawn == sorted(f"{p.stem}.png" for p in folder.iterdir() if p.name != "broken.jpg")
+
+
+def test_train_net_check_data_reports_and_fails(synth_copy, tmp_path):
+    train_net = load_repo_module("train_net.py")
+    records = DatasetCatalog.get("faults_val")
+    (synth_copy / records[0]["file_name"]).unlink()
+
+    def run():
+        args = train_net.default_argument_parser().parse_args(
+            [
+                "--config-file",
+                str(TINY_CONFIG),
+                "--check-data",
+                "MODEL.DEVICE",
+                "cpu",
+                "DATASETS.TRAIN",
+                "('faults_train',)",
+                "DATASETS.TEST",
+                "('faults_val',)",
+                "OUTPUT_DIR",
+                str(tmp_path / "out"),
+            ]
+        )
+        return train_net.main(args)
+
+    assert run() == 1
+    text = (tmp_path / "out" / "log.txt").read_text()  # train_net's logger writes there
+    assert "Data check (1 errors" in text and records[0]["file_name"] in text
+    assert "dataset 'faults_train': 4 records checked, 0 errors" in text
+    shutil.copy(DatasetCatalog.get("faults_val")[1]["file_name"], records[0]["file_name"])
+    assert run() == 0  # a wrong picture, but a readable one of the right size
+
+
+def test_trainer_skips_mismatched_images_in_skip_mode(synth_copy, tmp_path):
+    """The Trainer's loader: with "skip" a bad image is replaced, with "error" it stops."""
+    from deeperlab_d2.engine import Trainer
+
+    records = DatasetCatalog.get("faults_train")
+    for r in records[:2]:
+        rewrite_png(r["pan_seg_file_name"], lambda ids: np.where(ids > 0, ids + 100000, 0))
+    cfg = tiny_cfg(
+        "DATASETS.TRAIN",
+        "('faults_train',)",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(192,)",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+    )
+    cfg.DATALOADER.ON_ANNOTATION_MISMATCH = "skip"
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    good = {records[2]["file_name"], records[3]["file_name"]}
+    assert len(batch) == 4 and {b["file_name"] for b in batch} <= good
+    cfg.DATALOADER.ON_ANNOTATION_MISMATCH = "error"
+    with pytest.raises(AnnotationMismatchError):
+        for _ in zip(range(3), Trainer.build_train_loader(cfg)):
+            pass

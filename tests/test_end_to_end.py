@@ -19,10 +19,11 @@ def one_image_dataset(tmp_path_factory):
     return root
 
 
-def run(train_net, out_dir, *opts, eval_only=False):
+def run(train_net, out_dir, *opts, eval_only=False, allow_random_weights=False):
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", str(TINY_CONFIG)]
         + (["--eval-only"] if eval_only else [])
+        + (["--allow-random-weights"] if allow_random_weights else [])
         + [
             "MODEL.DEVICE",
             "cpu",
@@ -42,7 +43,14 @@ def run(train_net, out_dir, *opts, eval_only=False):
 
 def test_train_then_eval_only_with_every_evaluator(one_image_dataset, tmp_path):
     train_net = load_repo_module("train_net.py")
-    untrained = run(train_net, tmp_path / "untrained", "MODEL.WEIGHTS", "", eval_only=True)
+    untrained = run(
+        train_net,
+        tmp_path / "untrained",
+        "MODEL.WEIGHTS",
+        "",
+        eval_only=True,
+        allow_random_weights=True,  # an untrained model, on purpose
+    )
     assert set(untrained) == {"panoptic_seg", "parsing_covering", "sem_seg", "bbox", "segm"}
     assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(untrained["panoptic_seg"])
     assert {"PC", "PC_th", "PC_st"} <= set(untrained["parsing_covering"])
