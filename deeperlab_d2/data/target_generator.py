@@ -4,13 +4,8 @@ The generator never sees a Detectron2 config: numpy panoptic ids and ``segments_
 documented tensors out. All coordinates are pixel coordinates at the resolution of the
 panoptic map, in ``(y, x)`` order, and every offset is stored as ``(dy, dx)``.
 
-Keypoints (``P = 5`` per non-crowd thing instance), in the order of :data:`KEYPOINT_NAMES`:
-the four corners of the tight box of the instance mask, using the first/last occupied row and
-column (inclusive pixel indices), and the center of mass (mean ``(y, x)`` of the mask pixels,
-which may lie outside a non-convex mask).
-
-Keypoint relation graph: a directed star between the center and every corner, both ways,
-``E = 8`` edges, listed in :data:`KEYPOINT_EDGES` as ``(source, target)`` keypoint indices.
+Keypoints (``P = 5`` per non-crowd thing instance) and their relation graph are defined once, in
+:mod:`deeperlab_d2.layers.keypoints` (re-exported here).
 """
 
 from typing import Dict, List, Sequence
@@ -18,16 +13,15 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..layers.keypoints import (  # noqa: F401  (re-exported)
+    CENTER,
+    KEYPOINT_EDGES,
+    KEYPOINT_NAMES,
+    NUM_EDGES,
+    NUM_KEYPOINTS,
+    OFFSET_ORDER,
+)
 from .semantic_targets import semantic_targets
-
-KEYPOINT_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
-NUM_KEYPOINTS = len(KEYPOINT_NAMES)
-CENTER = KEYPOINT_NAMES.index("center")
-# Directed star graph: center -> each corner, then each corner -> center.
-KEYPOINT_EDGES = tuple((CENTER, k) for k in range(4)) + tuple((k, CENTER) for k in range(4))
-NUM_EDGES = len(KEYPOINT_EDGES)
-# Offsets are stored as (dy, dx): index 0 along the "2" axis is the row (y) displacement.
-OFFSET_ORDER = ("dy", "dx")
 
 
 def instance_keypoints(mask: np.ndarray) -> np.ndarray:
