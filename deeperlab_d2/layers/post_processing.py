@@ -24,8 +24,15 @@ Pipeline (:func:`deeperlab_panoptic_inference`):
 5. :func:`assign_pixels` - each thing pixel to the instance whose keypoints are nearest to its
    predicted keypoints, in pixel chunks (never an ``[instances x H*W]`` tensor).
 6. :func:`fuse_panoptic` - majority-vote instance classes, stuff segments, final id map.
+
+Robustness: the head outputs may come in any floating dtype (bfloat16/float16 under autocast,
+float64): they are cast to float32 at the entry and everything runs with autocast disabled (the
+Hough-voting op takes float32; pixel-to-instance distances need float32). Non-finite semantic
+logits (NaN, +-inf) never win the argmax (:func:`semantic_labels`): a pixel takes the argmax of
+its finite logits, and a pixel without any is void.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -62,6 +69,38 @@ class PostProcessConfig:
     thing_area: int = 0  # instances with fewer pixels are dropped (void)
     stuff_area: int = 2048  # stuff segments with fewer pixels are dropped (void)
     assign_chunk: int = 1 << 16  # pixels per chunk in the pixel-to-instance assignment
+
+
+# --------------------------------------------------------------------------------------------
+# dtype and non-finite values
+# --------------------------------------------------------------------------------------------
+def mask_nonfinite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Replace non-finite logits (NaN, +inf, -inf) by the lowest finite value of the dtype.
+
+    ``torch.argmax`` treats NaN as the maximum; after this, an argmax over the classes picks
+    the largest finite logit (a pixel with no finite logit gets class 0). A finite floor, not
+    ``-inf``, so that softmax and bilinear resizing stay NaN-free.
+    """
+    return torch.where(torch.isfinite(logits), logits, torch.finfo(logits.dtype).min)
+
+
+def semantic_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class of [N, C, H, W] logits: argmax over the finite logits of the pixel.
+
+    Returns:
+        [N, H, W] int64; -1 (void) where no logit of the pixel is finite.
+    """
+    finite = torch.isfinite(logits)
+    labels = torch.where(finite, logits, float("-inf")).argmax(1)
+    return torch.where(finite.any(1), labels, -1)
+
+
+def _autocast_disabled(device: torch.device):
+    """Context that turns autocast off for ``device`` (no-op where autocast does not exist)."""
+    is_available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    if is_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,7 +558,7 @@ def fuse_panoptic(
     """Panoptic id map and segments_info from semantic labels and instance assignment.
 
     Args:
-        semantic: [H, W] int64 contiguous class per pixel.
+        semantic: [H, W] int64 contiguous class per pixel, -1 = void (no segment).
         instance_map: [H, W] int64 instance index per thing pixel, -1 elsewhere.
         instance_scores: [J].
         thing_ids: contiguous ids of the thing classes.
@@ -539,9 +578,11 @@ def fuse_panoptic(
     # segment id of every instance (index j + 1; 0 = dropped) and of every stuff class
     instance_lut = torch.zeros(J + 1, dtype=torch.int32, device=device)
     stuff_lut = torch.zeros(num_classes, dtype=torch.int32, device=device)
+    labeled = semantic >= 0
+    semantic = semantic.clamp(min=0)  # void pixels are masked out below by ``labeled``
     if J > 0:
         inst = instance_map.flatten()
-        sel = inst >= 0
+        sel = (inst >= 0) & labeled.flatten()
         votes = torch.bincount(
             inst[sel] * num_classes + semantic.flatten()[sel], minlength=J * num_classes
         ).view(J, num_classes)
@@ -562,7 +603,7 @@ def fuse_panoptic(
                     "area": areas[j],
                 }
             )
-    stuff_pixels = (instance_map < 0) & ~is_thing[semantic]
+    stuff_pixels = (instance_map < 0) & labeled & ~is_thing[semantic]
     stuff_areas = torch.bincount(semantic[stuff_pixels], minlength=num_classes).tolist()
     for c, area in enumerate(stuff_areas):
         if area == 0 or area < cfg.stuff_area:
@@ -575,6 +616,7 @@ def fuse_panoptic(
     panoptic = torch.where(
         stuff_pixels, stuff_lut[semantic], instance_lut[(instance_map + 1).clamp(min=0)]
     )
+    panoptic = torch.where(labeled, panoptic, 0)
     return panoptic, segments
 
 
@@ -596,7 +638,9 @@ def deeperlab_panoptic_inference(
     Args:
         sem_seg_logits: [N, C, H, W]; heatmap_logits: [N, P, H, W];
         short_offsets, long_offsets: [N, P, 2, H, W]; mid_offsets: [N, E, 2, H, W]; offsets
-            (dy, dx) in pixels of this resolution.
+            (dy, dx) in pixels of this resolution. Any floating dtype: all are cast to float32
+            and processed with autocast disabled. Semantic logits may hold NaN/inf: see
+            :func:`semantic_labels`.
         thing_ids: contiguous ids of thing classes.
         cfg: thresholds (defaults if None).
         image_sizes: optional (h, w) per image: only the top-left h x w part is valid
@@ -604,15 +648,35 @@ def deeperlab_panoptic_inference(
 
     Returns:
         per image a dict: ``panoptic`` [h, w] int32 (0 = void), ``segments_info`` (see
-        :func:`fuse_panoptic`), ``semantic`` [h, w] int64, ``instance_keypoints`` [J, P, 2],
-        ``instance_scores`` [J], ``instance_map`` [h, w] int64 (-1 = none).
+        :func:`fuse_panoptic`), ``semantic`` [h, w] int64 (-1 = void: no finite logit),
+        ``instance_keypoints`` [J, P, 2], ``instance_scores`` [J] (float32),
+        ``instance_map`` [h, w] int64 (-1 = none).
     """
+    outputs = [
+        t.float()  # no copy when already float32
+        for t in (sem_seg_logits, heatmap_logits, short_offsets, mid_offsets, long_offsets)
+    ]
+    with _autocast_disabled(sem_seg_logits.device):
+        return _panoptic_inference(*outputs, thing_ids, cfg, image_sizes)
+
+
+def _panoptic_inference(
+    sem_seg_logits: torch.Tensor,
+    heatmap_logits: torch.Tensor,
+    short_offsets: torch.Tensor,
+    mid_offsets: torch.Tensor,
+    long_offsets: torch.Tensor,
+    thing_ids: Sequence[int],
+    cfg: Optional[PostProcessConfig],
+    image_sizes: Optional[Sequence[Tuple[int, int]]],
+) -> List[Dict[str, object]]:
+    # :func:`deeperlab_panoptic_inference` on float32 inputs, autocast off
     cfg = cfg or PostProcessConfig()
     N, C, H, W = sem_seg_logits.shape
     if image_sizes is not None and any(tuple(s) != (H, W) for s in image_sizes):
         # different valid sizes: process each image at its own size
         return [
-            deeperlab_panoptic_inference(
+            _panoptic_inference(
                 sem_seg_logits[i : i + 1, :, :h, :w],
                 heatmap_logits[i : i + 1, :, :h, :w],
                 short_offsets[i : i + 1, ..., :h, :w],
@@ -620,14 +684,15 @@ def deeperlab_panoptic_inference(
                 long_offsets[i : i + 1, ..., :h, :w],
                 thing_ids,
                 cfg,
+                None,
             )[0]
             for i, (h, w) in enumerate(image_sizes)
         ]
     device = sem_seg_logits.device
-    semantic = sem_seg_logits.argmax(1)  # [N, H, W]
+    semantic = semantic_labels(sem_seg_logits)  # [N, H, W], -1 = void
     is_thing = torch.zeros(C, dtype=torch.bool, device=device)
     is_thing[list(thing_ids)] = True
-    thing_mask = is_thing[semantic]
+    thing_mask = is_thing[semantic.clamp(min=0)] & (semantic >= 0)
     heat = heatmap_logits.sigmoid()
 
     # 1. refined long-range offsets at thing pixels; predicted keypoints of those pixels

@@ -4,13 +4,18 @@ The decoder keeps its heavy convolutions at the encoder's stride: the stride-4 l
 is reduced by a 1x1 conv and folded into the encoder grid with space-to-depth, concatenated with
 the ASPP output, passed through two large-kernel depthwise-separable convs and unfolded back to
 stride 4 with depth-to-space.
+
+The ASPP is this module's own (:class:`ASPP`): its image-pooling branch averages each image
+over its valid (unpadded) region only, so that an image's prediction does not depend on the
+other images of its batch (Detectron2's ``ASPP`` averages over the whole padded tensor).
 """
 
-from typing import Dict, Optional
+from copy import deepcopy
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import ASPP, Conv2d, get_norm
+from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
 
@@ -22,6 +27,136 @@ def space_to_depth(x: torch.Tensor, block: int) -> torch.Tensor:
 def depth_to_space(x: torch.Tensor, block: int) -> torch.Tensor:
     """[N, C * block**2, H, W] -> [N, C, H * block, W * block]; inverse of space_to_depth."""
     return F.pixel_shuffle(x, block)
+
+
+ValidSizes = Optional[Sequence[Tuple[int, int]]]
+
+
+def masked_global_avg_pool(x: torch.Tensor, valid_sizes: ValidSizes = None) -> torch.Tensor:
+    """Per-image spatial mean over the top-left valid region.
+
+    Args:
+        x: [N, C, H, W].
+        valid_sizes: (h, w) per image, 1 <= h <= H, 1 <= w <= W: only ``x[n, :, :h, :w]`` is
+            averaged. None: the whole map of every image.
+
+    Returns:
+        [N, C, 1, 1], accumulated in at least float32 and returned in ``x.dtype``.
+    """
+    N, _, H, W = x.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if valid_sizes is None:
+        return x.mean(dim=(2, 3), keepdim=True, dtype=acc).to(x.dtype)
+    if len(valid_sizes) != N:
+        raise ValueError(f"valid_sizes has {len(valid_sizes)} entries for a batch of {N}")
+    pooled = []
+    for n, (h, w) in enumerate(valid_sizes):
+        h, w = int(h), int(w)
+        if not (1 <= h <= H and 1 <= w <= W):
+            raise ValueError(f"valid size {(h, w)} of image {n} is outside the map {(H, W)}")
+        pooled.append(x[n, :, :h, :w].mean(dim=(1, 2), keepdim=True, dtype=acc))
+    return torch.stack(pooled).to(x.dtype)
+
+
+class _ImagePooling(nn.Sequential):
+    """Global average pooling (over the valid region) + 1x1 conv + activation, no norm.
+
+    A ``Sequential`` of ``AdaptiveAvgPool2d(1)`` and the conv, so that parameter names match
+    Detectron2's ASPP (``convs.4.1.weight``); :meth:`forward` replaces the pooling module by
+    :func:`masked_global_avg_pool` when valid sizes are given.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, activation: nn.Module):
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            Conv2d(in_channels, out_channels, 1, bias=True, activation=activation),
+        )
+
+    def forward(self, x: torch.Tensor, valid_sizes: ValidSizes = None) -> torch.Tensor:
+        pooled = masked_global_avg_pool(x, valid_sizes)
+        return self[1](pooled).expand(-1, -1, *x.shape[-2:])
+
+
+def _xavier_fill(conv: nn.Conv2d) -> None:
+    # uniform fan-in init with gain 1 (Caffe2's "XavierFill"), zero bias
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling with a padding-aware image-pooling branch.
+
+    Branches: 1x1 conv, one 3x3 conv per dilation, and image pooling (global average + 1x1
+    conv, no norm, broadcast back to the map); concatenated, projected by a 1x1 conv, then
+    dropout. Same constructor, structure and parameter names as ``detectron2.layers.ASPP``
+    (without ``pool_kernel_size``), but :meth:`forward` takes the valid size of each image:
+    the image pooling of an image averages only its own valid cells, so padding added to
+    batch it with larger images does not change its features.
+
+    Args:
+        in_channels, out_channels: channels of the input and of every branch / the output.
+        dilations: the dilations of the 3x3 branches (3 in DeepLabV3).
+        norm: Detectron2 norm name of every conv except the image-pooling one.
+        activation: module applied after every conv (deep-copied).
+        dropout: dropout rate on the output (training only).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        dilations: Sequence[int],
+        *,
+        norm: str,
+        activation: nn.Module,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.dropout = dropout
+        use_bias = not norm
+
+        def conv(kernel_size: int, dilation: int = 1) -> Conv2d:
+            return Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                padding=dilation * (kernel_size // 2),
+                dilation=dilation,
+                bias=use_bias,
+                norm=get_norm(norm, out_channels),
+                activation=deepcopy(activation),
+            )
+
+        self.convs = nn.ModuleList([conv(1)] + [conv(3, d) for d in dilations])
+        self.convs.append(_ImagePooling(in_channels, out_channels, deepcopy(activation)))
+        self.project = Conv2d(
+            (len(dilations) + 2) * out_channels,
+            out_channels,
+            1,
+            bias=use_bias,
+            norm=get_norm(norm, out_channels),
+            activation=deepcopy(activation),
+        )
+        for m in [*self.convs[:-1], self.convs[-1][1], self.project]:
+            _xavier_fill(m)
+
+    def forward(self, x: torch.Tensor, valid_sizes: ValidSizes = None) -> torch.Tensor:
+        """
+        Args:
+            x: [N, C, H, W].
+            valid_sizes: (h, w) per image, in cells of ``x``: the region of image ``n`` that
+                is not padding. None: all of ``x`` is valid.
+
+        Returns:
+            [N, out_channels, H, W].
+        """
+        branches = [conv(x) for conv in self.convs[:-1]]
+        branches.append(self.convs[-1](x, valid_sizes))
+        out = self.project(torch.cat(branches, dim=1))
+        if self.dropout > 0:
+            out = F.dropout(out, self.dropout, training=self.training)
+        return out
 
 
 class SeparableConv2d(nn.Sequential):
@@ -111,16 +246,20 @@ class DeeperLabDecoder(nn.Module):
         )
         self.out_channels = out_channels
 
-    def forward(self, x: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, low_level: torch.Tensor, valid_sizes: ValidSizes = None
+    ) -> torch.Tensor:
         """
         Args:
             x: [N, C, H/s, W/s] encoder feature (s = encoder stride).
             low_level: [N, C_low, H/4, W/4].
+            valid_sizes: (h, w) per image in cells of ``x``: the part of each image that is
+                not batch padding (the ASPP image pooling averages over it). None: all valid.
 
         Returns:
             [N, out_channels, H/4, W/4].
         """
-        x = self.aspp(x)
+        x = self.aspp(x, valid_sizes)
         low = space_to_depth(self.low_level_proj(low_level), self.block_size)
         if low.shape[-2:] != x.shape[-2:]:
             raise ValueError(

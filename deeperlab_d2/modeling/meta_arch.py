@@ -1,6 +1,6 @@
 """The DeeperLab meta-architecture (SPEC §1-3)."""
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +11,13 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances
 from torch import nn
 
-from ..config import check_deeperlab_config, post_process_config
+from ..config import check_deeperlab_config, check_num_classes, post_process_config
 from ..data.target_generator import KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS
-from ..layers.post_processing import PostProcessConfig, deeperlab_panoptic_inference
+from ..layers.post_processing import (
+    PostProcessConfig,
+    deeperlab_panoptic_inference,
+    mask_nonfinite_logits,
+)
 from .decoder import DeeperLabDecoder, DeeperLabHeads
 from .losses import (
     masked_l1_loss,
@@ -122,6 +126,7 @@ class DeeperLab(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         check_deeperlab_config(cfg)
+        check_num_classes(cfg)
         c = cfg.MODEL.DEEPERLAB
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
@@ -201,10 +206,32 @@ class DeeperLab(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
-    def predict(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Head outputs at the resolution of ``images`` (normalized, padded [N, 3, H, W])."""
+    def predict(
+        self, images: torch.Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]] = None
+    ) -> Dict[str, torch.Tensor]:
+        """Head outputs at the resolution of ``images`` (normalized, padded [N, 3, H, W]).
+
+        Args:
+            images: the batch, each image at the top-left of its padded slot.
+            image_sizes: (h, w) per image, the part of ``images`` that is not batch padding
+                (``ImageList.image_sizes``). The ASPP image pooling averages each image over
+                the encoder cells that cover it (``ceil`` of the size at the encoder stride),
+                not over the batch padding. (The convs still see the padding near the
+                image's bottom/right border: see :meth:`forward`.) None: the whole tensor of
+                every image is valid.
+
+        Returns:
+            raw head outputs (see :class:`DeeperLabHeads`), in the compute dtype (e.g.
+            bfloat16 under autocast), offsets in input pixels.
+        """
         features = self.backbone(images)
-        x = self.decoder(features[self.in_feature], features[self.low_level_feature])
+        high = features[self.in_feature]
+        valid = None
+        if image_sizes is not None:
+            (H, W), (h_f, w_f) = images.shape[-2:], high.shape[-2:]
+            # ceil(h * h_f / H): every encoder cell that covers at least one valid pixel
+            valid = [(-(-int(h) * h_f // H), -(-int(w) * w_f // W)) for h, w in image_sizes]
+        x = self.decoder(high, features[self.low_level_feature], valid)
         raw = self.heads(x)
         size = images.shape[-2:]
         out = {}
@@ -225,18 +252,47 @@ class DeeperLab(nn.Module):
 
         Returns:
             training: dict of scalar losses ``loss_*``; eval: see the class docstring.
+
+        In eval mode an image's result does not depend on the other images of the batch:
+        images are run in groups of equal padded size (``size_divisibility``), so each is
+        padded exactly as it would be alone. Padding an image further (to batch it with a
+        larger one) changes its features near its bottom/right border through every conv's
+        receptive field (zero conv padding vs. features of the padded area), and through the
+        dilated ASPP convs (dilation 18 cells = 288 px at output stride 16) far inside it.
+        Training batches all images together; the ASPP image pooling then averages each image
+        over its own valid region only.
         """
         images = [x["image"].to(self.device) for x in batched_inputs]
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
-        images = ImageList.from_tensors(images, self.size_divisibility)
-        outputs = self.predict(images.tensor)
         if self.training:
+            images = ImageList.from_tensors(images, self.size_divisibility)
+            outputs = self.predict(images.tensor, images.image_sizes)
             targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
             return self.losses(outputs, targets)
-        return self.inference(outputs, batched_inputs, images.image_sizes)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        d = max(self.size_divisibility, 1)
+        for i, image in enumerate(images):
+            padded = tuple(-(-int(s) // d) * d for s in image.shape[-2:])
+            groups.setdefault(padded, []).append(i)
+        results: List[Optional[dict]] = [None] * len(images)
+        for idx in groups.values():
+            group = ImageList.from_tensors([images[i] for i in idx], self.size_divisibility)
+            outputs = self.predict(group.tensor, group.image_sizes)
+            inputs = [batched_inputs[i] for i in idx]
+            for i, res in zip(idx, self.inference(outputs, inputs, group.image_sizes)):
+                results[i] = res
+        return results
 
     def inference(self, outputs: Dict[str, torch.Tensor], batched_inputs, image_sizes):
-        """Post-process the head outputs of a batch into Detectron2's standard outputs."""
+        """Post-process the head outputs of a batch into Detectron2's standard outputs.
+
+        Whatever the head outputs' dtype (bfloat16/float16 under autocast, float64), the
+        post-processing runs in float32 and ``sem_seg`` is float32. Non-finite ``sem_seg``
+        logits (NaN, +-inf) are replaced by the lowest finite float32 (see
+        :func:`mask_nonfinite_logits`): an argmax of ``sem_seg`` (SemSegEvaluator) picks the
+        best finite logit, as the panoptic semantic map does; a pixel with no finite logit
+        is void in ``panoptic_seg`` (and class 0 for an argmax of ``sem_seg``).
+        """
         panoptic = [None] * len(image_sizes)
         if self.panoptic_on or self.instances_on:
             if self.thing_ids is None:
@@ -258,7 +314,11 @@ class DeeperLab(nn.Module):
         for i, (image_size, inputs) in enumerate(zip(image_sizes, batched_inputs)):
             height = inputs.get("height", image_size[0])
             width = inputs.get("width", image_size[1])
-            res = {"sem_seg": sem_seg_postprocess(outputs["sem_seg"][i], image_size, height, width)}
+            # sanitized before the resize (an interpolation weight of 0 times NaN/inf is NaN);
+            # the clamp catches a weighted sum of lowest-finite values rounding to -inf
+            logits = mask_nonfinite_logits(outputs["sem_seg"][i].float())
+            sem_seg = sem_seg_postprocess(logits, image_size, height, width).float()
+            res = {"sem_seg": sem_seg.clamp(min=torch.finfo(torch.float32).min)}
             if panoptic[i] is not None:
                 pan = panoptic[i]["panoptic"]
                 if tuple(pan.shape) != (height, width):
