@@ -2,8 +2,10 @@
 
 ``hough_voting`` is the keypoint Hough-voting op (compiled C++/CUDA kernel from
 ``deeperlab_d2._C`` when built, pure-PyTorch ``hough_voting_reference`` otherwise).
+``center_post_processing`` is Panoptic-DeepLab's post-processing (center heatmap + offsets).
 """
 
+from .center_post_processing import CenterPostProcessConfig, panoptic_deeplab_inference
 from .hough_voting import (
     HAS_COMPILED_OP,
     compiled_op_available,
@@ -13,9 +15,11 @@ from .hough_voting import (
 )
 
 __all__ = [
+    "CenterPostProcessConfig",
     "HAS_COMPILED_OP",
     "compiled_op_available",
     "compiled_with_cuda",
     "hough_voting",
     "hough_voting_reference",
+    "panoptic_deeplab_inference",
 ]

@@ -5,9 +5,7 @@ any machine. Conventions used everywhere below:
 
 * positions are ``(y, x)`` in pixels of the network input (integer = pixel center);
 * offset fields are ``[..., K, 2, H, W]`` with ``(dy, dx)`` along the ``2`` axis;
-* keypoint order and star graph are those of ``deeperlab_d2.data.target_generator``
-  (repeated here as :data:`CENTER` and :data:`KEYPOINT_EDGES` so that this module stays
-  importable without Detectron2).
+* keypoint order and star graph are those of :mod:`deeperlab_d2.layers.keypoints`.
 
 Pipeline (:func:`deeperlab_panoptic_inference`):
 
@@ -33,42 +31,42 @@ its finite logits, and a pixel without any is void.
 """
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .hough_voting import hough_voting
-
-NUM_KEYPOINTS = 5
-CENTER = 4
-KEYPOINT_EDGES = tuple((CENTER, k) for k in range(4)) + tuple((k, CENTER) for k in range(4))
-NUM_EDGES = len(KEYPOINT_EDGES)
+from .keypoints import CENTER, KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS  # noqa: F401
 
 
 @dataclass
 class PostProcessConfig:
-    """Every threshold of the post-processing (``MODEL.DEEPERLAB.POST_PROCESS.*``)."""
+    """Every threshold of the post-processing. The defaults live in the Detectron2 config only
+    (``MODEL.DEEPERLAB.POST_PROCESS.*``, ``TARGETS.KEYPOINT_RADIUS``): build it with
+    :func:`deeperlab_d2.config.post_process_config`."""
 
-    keypoint_radius: float = 25.0  # R: the disk radius used in training; normalizes votes
-    refine_steps: int = 2
-    short_vote_weight: float = 1.0
-    long_vote_weight: float = 1.0
-    min_vote_prob: float = 0.01  # short-range votes with a smaller heatmap probability skip
-    peak_kernel: int = 5  # max-pool window of the local-maximum test
-    peak_threshold: float = 0.01  # fused score-map value a local maximum needs
-    max_keypoints: int = 200  # per keypoint type and image
-    oks_sigma: float = 3.0  # px, Gaussian of the expected-OKS rescoring
-    keypoint_threshold: float = 0.1  # expected-OKS score a keypoint candidate needs
-    keypoint_nms_radius: float = 10.0  # px, same-type keypoints of detected instances
-    instance_score_threshold: float = 0.1
-    box_nms_threshold: float = 0.7
-    max_instances: int = 200
-    thing_area: int = 0  # instances with fewer pixels are dropped (void)
-    stuff_area: int = 2048  # stuff segments with fewer pixels are dropped (void)
-    assign_chunk: int = 1 << 16  # pixels per chunk in the pixel-to-instance assignment
+    keypoint_radius: float  # R: the disk radius used in training; normalizes votes
+    refine_steps: int
+    short_vote_weight: float
+    long_vote_weight: float
+    min_vote_prob: float  # short-range votes with a smaller heatmap probability skip
+    peak_kernel: int  # max-pool window of the local-maximum test
+    peak_threshold: float  # fused score-map value a local maximum needs
+    max_keypoints: int  # per keypoint type and image
+    oks_sigma: float  # px, Gaussian of the expected-OKS rescoring
+    keypoint_threshold: float  # expected-OKS score a keypoint candidate needs
+    keypoint_nms_radius: float  # px, same-type keypoints of detected instances
+    instance_score_threshold: float
+    box_nms_threshold: float
+    max_instances: int
+    thing_area: int  # instances with fewer pixels are dropped (void)
+    stuff_area: int  # stuff segments with fewer pixels are dropped (void)
+    # pixels per chunk in the pixel-to-instance assignment (memory bound, not a threshold)
+    assign_chunk: int = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,76 +621,109 @@ def fuse_panoptic(
 # --------------------------------------------------------------------------------------------
 # the whole thing
 # --------------------------------------------------------------------------------------------
-def deeperlab_panoptic_inference(
+InstanceFn = Callable[..., List[Dict[str, torch.Tensor]]]
+
+
+def panoptic_inference(
     sem_seg_logits: torch.Tensor,
-    heatmap_logits: torch.Tensor,
-    short_offsets: torch.Tensor,
-    mid_offsets: torch.Tensor,
-    long_offsets: torch.Tensor,
+    instance_outputs: Dict[str, torch.Tensor],
+    instance_fn: InstanceFn,
     thing_ids: Sequence[int],
-    cfg: Optional[PostProcessConfig] = None,
+    fusion_cfg,
     image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> List[Dict[str, object]]:
-    """Head outputs of a batch -> panoptic segmentation of each image.
+    """Head outputs of a batch -> panoptic segmentation of each image, for any instance
+    representation: the shared steps around a representation's ``instance_fn``.
+
+    1. every tensor is detached, cast to float32 and processed with autocast and autograd off;
+    2. with ``image_sizes`` that differ from the tensors' size, each image's valid top-left
+       ``h x w`` part is processed on its own (padding never reaches the post-processing);
+    3. ``semantic`` = :func:`semantic_labels` of the logits (-1 = no finite logit = void) and the
+       thing mask;
+    4. ``instance_fn(sem_seg_logits, semantic, thing_mask, **instance_outputs)`` returns, per
+       image, a dict with ``instance_map`` [H, W] int64 (-1 = none) and ``instance_scores`` [J]
+       (and whatever else it wants to report, e.g. keypoints or centers);
+    5. :func:`fuse_panoptic` (majority-vote classes, stuff segments, area thresholds).
 
     Args:
-        sem_seg_logits: [N, C, H, W]; heatmap_logits: [N, P, H, W];
-        short_offsets, long_offsets: [N, P, 2, H, W]; mid_offsets: [N, E, 2, H, W]; offsets
-            (dy, dx) in pixels of this resolution. Any floating dtype: all are cast to float32
-            and processed with autocast disabled. Semantic logits may hold NaN/inf: see
-            :func:`semantic_labels`.
+        sem_seg_logits: [N, C, H, W].
+        instance_outputs: the representation's head outputs, each [N, ..., H, W].
+        instance_fn: see step 4.
         thing_ids: contiguous ids of thing classes.
-        cfg: thresholds (defaults if None).
-        image_sizes: optional (h, w) per image: only the top-left h x w part is valid
-            (padding is cropped before any processing).
+        fusion_cfg: has ``thing_area`` and ``stuff_area``.
+        image_sizes: optional (h, w) per image.
 
     Returns:
-        per image a dict: ``panoptic`` [h, w] int32 (0 = void), ``segments_info`` (see
-        :func:`fuse_panoptic`), ``semantic`` [h, w] int64 (-1 = void: no finite logit),
-        ``instance_keypoints`` [J, P, 2], ``instance_scores`` [J] (float32),
-        ``instance_map`` [h, w] int64 (-1 = none).
+        per image the dict of ``instance_fn`` plus ``panoptic`` [h, w] int32 (0 = void),
+        ``segments_info`` (see :func:`fuse_panoptic`) and ``semantic`` [h, w] int64.
     """
-    outputs = [
-        t.float()  # no copy when already float32
-        for t in (sem_seg_logits, heatmap_logits, short_offsets, mid_offsets, long_offsets)
-    ]
-    with _autocast_disabled(sem_seg_logits.device):
-        return _panoptic_inference(*outputs, thing_ids, cfg, image_sizes)
+    # not differentiable: no autograd graph, whatever the caller's grad mode
+    sem_seg_logits = sem_seg_logits.detach().float()  # no copy when already float32
+    instance_outputs = {k: v.detach().float() for k, v in instance_outputs.items()}
+    N, C, H, W = sem_seg_logits.shape
+    with _autocast_disabled(sem_seg_logits.device), torch.no_grad():
+        if image_sizes is not None and any(tuple(s) != (H, W) for s in image_sizes):
+            # different valid sizes: process each image at its own size
+            return [
+                _panoptic_batch(
+                    sem_seg_logits[i : i + 1, :, :h, :w],
+                    {k: v[i : i + 1, ..., :h, :w] for k, v in instance_outputs.items()},
+                    instance_fn,
+                    thing_ids,
+                    fusion_cfg,
+                )[0]
+                for i, (h, w) in enumerate(image_sizes)
+            ]
+        return _panoptic_batch(sem_seg_logits, instance_outputs, instance_fn, thing_ids, fusion_cfg)
 
 
-def _panoptic_inference(
+def _panoptic_batch(sem_seg_logits, instance_outputs, instance_fn, thing_ids, fusion_cfg):
+    # :func:`panoptic_inference` on float32 inputs of one valid size, autocast off
+    C = sem_seg_logits.shape[1]
+    semantic = semantic_labels(sem_seg_logits)  # [N, H, W], -1 = void
+    is_thing = torch.zeros(C, dtype=torch.bool, device=semantic.device)
+    is_thing[list(thing_ids)] = True
+    thing_mask = is_thing[semantic.clamp(min=0)] & (semantic >= 0)
+    instances = instance_fn(sem_seg_logits, semantic, thing_mask, **instance_outputs)
+    results = []
+    for n, inst in enumerate(instances):
+        panoptic, segments = fuse_panoptic(
+            semantic[n], inst["instance_map"], inst["instance_scores"], thing_ids, C, fusion_cfg
+        )
+        results.append({**inst, "panoptic": panoptic, "segments_info": segments})
+        results[-1]["semantic"] = semantic[n]
+    return results
+
+
+def deeperlab_instances(
     sem_seg_logits: torch.Tensor,
+    semantic: torch.Tensor,
+    thing_mask: torch.Tensor,
     heatmap_logits: torch.Tensor,
     short_offsets: torch.Tensor,
     mid_offsets: torch.Tensor,
     long_offsets: torch.Tensor,
-    thing_ids: Sequence[int],
-    cfg: Optional[PostProcessConfig],
-    image_sizes: Optional[Sequence[Tuple[int, int]]],
-) -> List[Dict[str, object]]:
-    # :func:`deeperlab_panoptic_inference` on float32 inputs, autocast off
-    cfg = cfg or PostProcessConfig()
-    N, C, H, W = sem_seg_logits.shape
-    if image_sizes is not None and any(tuple(s) != (H, W) for s in image_sizes):
-        # different valid sizes: process each image at its own size
-        return [
-            _panoptic_inference(
-                sem_seg_logits[i : i + 1, :, :h, :w],
-                heatmap_logits[i : i + 1, :, :h, :w],
-                short_offsets[i : i + 1, ..., :h, :w],
-                mid_offsets[i : i + 1, ..., :h, :w],
-                long_offsets[i : i + 1, ..., :h, :w],
-                thing_ids,
-                cfg,
-                None,
-            )[0]
-            for i, (h, w) in enumerate(image_sizes)
-        ]
-    device = sem_seg_logits.device
-    semantic = semantic_labels(sem_seg_logits)  # [N, H, W], -1 = void
-    is_thing = torch.zeros(C, dtype=torch.bool, device=device)
-    is_thing[list(thing_ids)] = True
-    thing_mask = is_thing[semantic.clamp(min=0)] & (semantic >= 0)
+    cfg: PostProcessConfig,
+    return_maps: bool = False,
+) -> List[Dict[str, torch.Tensor]]:
+    """DeeperLab's instance stage (steps 1-5 above) of a batch of one valid size.
+
+    Args:
+        sem_seg_logits, semantic: unused here (the signature of an ``instance_fn`` of
+            :func:`panoptic_inference`).
+        thing_mask: [N, H, W] bool, pixels whose semantic class is a thing.
+        heatmap_logits: [N, P, H, W]; short_offsets, long_offsets: [N, P, 2, H, W];
+            mid_offsets: [N, E, 2, H, W]; float32.
+        cfg: thresholds.
+        return_maps: also return, per image, ``score_maps`` [P, H, W] (the fused Hough maps)
+            and ``keypoint_candidates`` (see :func:`find_keypoints`), for pictures.
+
+    Returns:
+        per image ``instance_map`` [H, W] int64 (-1 = none), ``instance_scores`` [J] and
+        ``instance_keypoints`` [J, P, 2].
+    """
+    N, _, H, W = heatmap_logits.shape
+    device = heatmap_logits.device
     heat = heatmap_logits.sigmoid()
 
     # 1. refined long-range offsets at thing pixels; predicted keypoints of those pixels
@@ -718,15 +749,54 @@ def _panoptic_inference(
         ys, xs, pk = pixel_kps[n]
         if kps.shape[0] > 0 and ys.numel() > 0:
             instance_map[ys, xs] = assign_pixels(pk, kps, cfg.assign_chunk)
-        panoptic, segments = fuse_panoptic(semantic[n], instance_map, scores, thing_ids, C, cfg)
         results.append(
-            {
-                "panoptic": panoptic,
-                "segments_info": segments,
-                "semantic": semantic[n],
-                "instance_keypoints": kps,
-                "instance_scores": scores,
-                "instance_map": instance_map,
-            }
+            {"instance_map": instance_map, "instance_scores": scores, "instance_keypoints": kps}
         )
+        if return_maps:
+            results[-1].update(score_maps=score_maps[n], keypoint_candidates=candidates[n])
     return results
+
+
+def deeperlab_panoptic_inference(
+    sem_seg_logits: torch.Tensor,
+    heatmap_logits: torch.Tensor,
+    short_offsets: torch.Tensor,
+    mid_offsets: torch.Tensor,
+    long_offsets: torch.Tensor,
+    thing_ids: Sequence[int],
+    cfg: PostProcessConfig,
+    image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+) -> List[Dict[str, object]]:
+    """DeeperLab head outputs of a batch -> panoptic segmentation of each image.
+
+    Args:
+        sem_seg_logits: [N, C, H, W]; heatmap_logits: [N, P, H, W];
+        short_offsets, long_offsets: [N, P, 2, H, W]; mid_offsets: [N, E, 2, H, W]; offsets
+            (dy, dx) in pixels of this resolution. Any floating dtype: all are cast to float32
+            and processed with autocast disabled. Semantic logits may hold NaN/inf: see
+            :func:`semantic_labels`.
+        thing_ids: contiguous ids of thing classes.
+        cfg: thresholds (``post_process_config(cfg)`` of a Detectron2 config).
+        image_sizes: optional (h, w) per image: only the top-left h x w part is valid
+            (padding is cropped before any processing).
+
+    Returns:
+        per image a dict: ``panoptic`` [h, w] int32 (0 = void), ``segments_info`` (see
+        :func:`fuse_panoptic`), ``semantic`` [h, w] int64 (-1 = void: no finite logit),
+        ``instance_keypoints`` [J, P, 2], ``instance_scores`` [J] (float32),
+        ``instance_map`` [h, w] int64 (-1 = none).
+    """
+    outputs = {
+        "heatmap_logits": heatmap_logits,
+        "short_offsets": short_offsets,
+        "mid_offsets": mid_offsets,
+        "long_offsets": long_offsets,
+    }
+    return panoptic_inference(
+        sem_seg_logits,
+        outputs,
+        functools.partial(deeperlab_instances, cfg=cfg),
+        thing_ids,
+        cfg,
+        image_sizes,
+    )
