@@ -50,4 +50,41 @@ def tiny_cfg(*opts):
     return cfg
 
 
+def base_cfg(*opts):
+    """Detectron2's default config plus every DeeperLab key at its default (the one place
+    defaults live), with extra ``opts``."""
+    from detectron2.config import get_cfg
+
+    from deeperlab_d2 import add_deeperlab_config
+
+    cfg = get_cfg()
+    add_deeperlab_config(cfg)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def post_process_cfg(**overrides):
+    """The keypoint post-processing thresholds at the config's defaults, with ``overrides``."""
+    import dataclasses
+
+    from deeperlab_d2.config import post_process_config
+
+    return dataclasses.replace(post_process_config(base_cfg()), **overrides)
+
+
+def keypoint_target_generator(thing_ids, ignore_label=255, **overrides):
+    """A DeeperLabTargetGenerator with the config's defaults, with keyword ``overrides``."""
+    from deeperlab_d2.data.target_generator import DeeperLabTargetGenerator
+
+    t = base_cfg().MODEL.DEEPERLAB.TARGETS
+    kwargs = {
+        "keypoint_radius": t.KEYPOINT_RADIUS,
+        "small_instance_area": t.SMALL_INSTANCE_AREA,
+        "small_instance_weight": t.SMALL_INSTANCE_WEIGHT,
+        "ignore_void_in_heatmap": t.IGNORE_VOID_IN_HEATMAP,
+        **overrides,
+    }
+    return DeeperLabTargetGenerator(ignore_label, list(thing_ids), **kwargs)
+
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")

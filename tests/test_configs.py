@@ -31,6 +31,10 @@ def test_config_tree_is_complete():
     for folder in ("cityscapes", "coco", "mapillary_vistas"):
         for bb in ("X71", "WMNV2"):
             assert any(n.startswith(folder) and f"_{bb}_" in n for n in names), (folder, bb)
+    # both instance representations have a synthetic, a Cityscapes and a COCO config
+    for folder in ("synthetic", "cityscapes", "coco"):
+        for prefix in ("deeperlab_", "panoptic_deeplab_"):
+            assert any(n.startswith(os.path.join(folder, prefix)) for n in names), (folder, prefix)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
@@ -44,10 +48,20 @@ def test_config_loads_and_model_builds(path):
     with torch.no_grad():
         out = model.predict(torch.randn(1, 3, h, w))
     assert out["sem_seg"].shape == (1, c.NUM_CLASSES, h, w)
-    assert out["heatmap"].shape == (1, NUM_KEYPOINTS, h, w)
-    assert out["short_offsets"].shape == (1, NUM_KEYPOINTS, 2, h, w)
-    assert out["long_offsets"].shape == (1, NUM_KEYPOINTS, 2, h, w)
-    assert out["mid_offsets"].shape == (1, NUM_EDGES, 2, h, w)
+    assert model.instance_branch.representation == c.INSTANCE_REPRESENTATION
+    expected = {
+        "keypoints": {
+            "heatmap": (1, NUM_KEYPOINTS, h, w),
+            "short_offsets": (1, NUM_KEYPOINTS, 2, h, w),
+            "long_offsets": (1, NUM_KEYPOINTS, 2, h, w),
+            "mid_offsets": (1, NUM_EDGES, 2, h, w),
+        },
+        "center": {"center_heatmap": (1, 1, h, w), "center_offsets": (1, 1, 2, h, w)},
+    }[c.INSTANCE_REPRESENTATION]
+    assert {k: tuple(v.shape) for k, v in out.items() if k != "sem_seg"} == expected
+    if c.INSTANCE_REPRESENTATION == "center":
+        # Panoptic-DeepLab's dual layout: the center heads have their own ASPP + decoder
+        assert (model.instance_branch.decoder is not None) == c.CENTER.DUAL_DECODER
     # the decoder's separable convs run with OUT_CHANNELS * block^2 channels (4096 in the paper)
     shapes = model.backbone.output_shape()
     block = shapes[c.IN_FEATURE].stride // shapes[c.LOW_LEVEL_FEATURE].stride

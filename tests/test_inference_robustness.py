@@ -16,14 +16,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import keypoint_target_generator, post_process_cfg, tiny_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
-from deeperlab_d2.data.target_generator import DeeperLabTargetGenerator
 from deeperlab_d2.layers.post_processing import (
-    PostProcessConfig,
     deeperlab_panoptic_inference,
     semantic_labels,
 )
@@ -95,7 +93,7 @@ def category_map(pan, segments):
 
 THING, THING2, STUFF = 0, 1, 2
 R = 6.0
-CFG = PostProcessConfig(
+CFG = post_process_cfg(
     keypoint_radius=R, peak_kernel=3, oks_sigma=1.5, keypoint_nms_radius=3.0, stuff_area=1
 )
 
@@ -111,7 +109,7 @@ def ideal_outputs(size=(40, 48), boxes=((10, 20, 10, 30), (24, 34, 30, 44))):
         {"id": 2, "category_id": THING},
         {"id": 3, "category_id": THING},
     ]
-    t = DeeperLabTargetGenerator(255, [THING, THING2], keypoint_radius=R)(pan, segs)
+    t = keypoint_target_generator([THING, THING2], keypoint_radius=R)(pan, segs)
     sem = torch.from_numpy(np.where(pan == 1, STUFF, THING))
     logits = torch.nn.functional.one_hot(sem, 3).permute(2, 0, 1).float() * 10
     heat = torch.where(t["heatmap"] > 0, 10.0, -10.0)

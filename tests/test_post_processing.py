@@ -5,12 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import keypoint_target_generator, post_process_cfg
 
-from deeperlab_d2.data.target_generator import DeeperLabTargetGenerator
 from deeperlab_d2.layers.post_processing import (
     CENTER,
     KEYPOINT_EDGES,
-    PostProcessConfig,
     assign_pixels,
     bilinear_sample,
     box_nms,
@@ -26,14 +25,14 @@ from deeperlab_d2.layers.post_processing import (
 
 THING, THING2, STUFF = 0, 1, 2
 R = 6.0
-CFG = PostProcessConfig(
+CFG = post_process_cfg(
     keypoint_radius=R, peak_kernel=3, oks_sigma=1.5, keypoint_nms_radius=3.0, stuff_area=10
 )
 
 
 def ideal(pan, segs, num_classes=3):
     """Ideal head outputs [1, ...] from a hand-built panoptic map."""
-    gen = DeeperLabTargetGenerator(255, [THING, THING2], keypoint_radius=R)
+    gen = keypoint_target_generator([THING, THING2], keypoint_radius=R)
     t = gen(pan, segs)
     sem = torch.full(pan.shape, STUFF, dtype=torch.long)
     for s in segs:
@@ -214,7 +213,7 @@ def test_assign_pixels_chunked_and_exact():
 def test_fuse_majority_vote_and_areas():
     semantic = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 2], [2, 2, 2, 2]])
     instance_map = torch.tensor([[0, 0, 1, -1], [0, 1, 1, -1], [-1, -1, -1, -1]])
-    cfg = PostProcessConfig(stuff_area=6, thing_area=0)
+    cfg = post_process_cfg(stuff_area=6, thing_area=0)
     pan, info = fuse_panoptic(semantic, instance_map, torch.tensor([0.3, 0.8]), [0, 1], 3, cfg)
     # instance 1 has the higher score: id 1; class = majority (3 x class 1)
     assert info[0] == {
@@ -233,7 +232,7 @@ def test_fuse_majority_vote_and_areas():
         torch.tensor([0.3, 0.8]),
         [0, 1],
         3,
-        PostProcessConfig(stuff_area=6, thing_area=4),
+        post_process_cfg(stuff_area=6, thing_area=4),
     )
     assert [s["isthing"] for s in info] == [False] and (pan[:2, :3] == 0).all()
 

@@ -269,4 +269,4 @@ def test_resume_refuses_checkpoint_of_another_model(train_net, monkeypatch, outp
             resume=True,
         )
     assert str(output_dir / "model_final.pth") in str(e.value)
-    assert "heads.sem_seg" in str(e.value)
+    assert "sem_seg_head.tower" in str(e.value)

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import keypoint_target_generator
 
 from deeperlab_d2.data.target_generator import (
     CENTER,
     KEYPOINT_EDGES,
     KEYPOINT_NAMES,
-    DeeperLabTargetGenerator,
     instance_keypoints,
 )
 
@@ -19,9 +19,7 @@ TL, TR, BL, BR = (
 
 
 def make_gen(radius=3.0, **kw):
-    return DeeperLabTargetGenerator(
-        ignore_label=IGNORE, thing_ids=[THING, 1, 2], keypoint_radius=radius, **kw
-    )
+    return keypoint_target_generator([THING, 1, 2], IGNORE, keypoint_radius=radius, **kw)
 
 
 def stuff_background(h, w):

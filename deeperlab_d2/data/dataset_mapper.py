@@ -19,7 +19,6 @@ from .io import (
     panoptic_id_mismatch,
     read_image_or_raise,
 )
-from .target_generator import DeeperLabTargetGenerator
 
 __all__ = [
     "AnnotationMismatchError",
@@ -66,8 +65,10 @@ class DeeperLabDatasetMapper:
 
     Input dict: ``file_name``, ``pan_seg_file_name``, ``segments_info`` (contiguous
     ``category_id``, ``iscrowd``), as produced by Detectron2's COCO / Cityscapes panoptic
-    loaders. Output dict: ``image`` uint8 [3, H, W] plus every tensor documented in
-    :class:`DeeperLabTargetGenerator` (``keypoints`` included), and the input's other keys.
+    loaders. Output dict: ``image`` uint8 [3, H, W] plus every tensor of the target generator of
+    the instance representation (``MODEL.DEEPERLAB.INSTANCE_REPRESENTATION``: the
+    :class:`DeeperLabTargetGenerator` of keypoints, or the :class:`CenterTargetGenerator`),
+    and the input's other keys.
     Never returns ``None``: an image without instances yields all-zero instance targets.
     """
 
@@ -132,14 +133,11 @@ class DeeperLabDatasetMapper:
                 f"dataset {cfg.DATASETS.TRAIN[0]!r} has no thing_dataset_id_to_contiguous_id "
                 "metadata: DeeperLab trains on panoptic datasets"
             )
-        t = cfg.MODEL.DEEPERLAB.TARGETS
-        target_generator = DeeperLabTargetGenerator(
-            ignore_label=cfg.MODEL.DEEPERLAB.IGNORE_VALUE,
-            thing_ids=list(meta.thing_dataset_id_to_contiguous_id.values()),
-            keypoint_radius=t.KEYPOINT_RADIUS,
-            small_instance_area=t.SMALL_INSTANCE_AREA,
-            small_instance_weight=t.SMALL_INSTANCE_WEIGHT,
-            ignore_void_in_heatmap=t.IGNORE_VOID_IN_HEATMAP,
+        # the instance branch's target generator (semantic targets included)
+        from ..modeling.instance_branches import get_instance_branch_class
+
+        target_generator = get_instance_branch_class(cfg).target_generator_from_config(
+            cfg, list(meta.thing_dataset_id_to_contiguous_id.values())
         )
         return {
             "is_train": is_train,

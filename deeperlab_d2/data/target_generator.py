@@ -77,10 +77,11 @@ class DeeperLabTargetGenerator:
         self,
         ignore_label: int,
         thing_ids: Sequence[int],
-        keypoint_radius: float = 25.0,
-        small_instance_area: int = 4096,
-        small_instance_weight: float = 3.0,
-        ignore_void_in_heatmap: bool = True,
+        *,
+        keypoint_radius: float,
+        small_instance_area: int,
+        small_instance_weight: float,
+        ignore_void_in_heatmap: bool,
     ):
         if keypoint_radius <= 0:
             raise ValueError(f"keypoint_radius must be > 0, got {keypoint_radius}")

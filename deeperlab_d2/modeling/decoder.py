@@ -11,7 +11,7 @@ other images of its batch (Detectron2's ``ASPP`` averages over the whole padded 
 """
 
 from copy import deepcopy
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -293,50 +293,44 @@ class PredictionHead(nn.Module):
         return self.predictor(self.tower(x))
 
 
-class DeeperLabHeads(nn.Module):
-    """The five heads on the shared stride-4 feature.
+def build_deeperlab_decoder(cfg, backbone_shapes) -> DeeperLabDecoder:
+    """The ASPP + space-to-depth decoder of ``MODEL.DEEPERLAB.*`` on a backbone's outputs.
 
-    ``forward`` returns (at stride 4, channels first):
+    Args:
+        cfg: a Detectron2 config with the DeeperLab keys.
+        backbone_shapes: ``backbone.output_shape()``.
 
-    * ``sem_seg``: [N, C, h, w] logits;
-    * ``heatmap``: [N, P, h, w] logits;
-    * ``short_offsets`` / ``long_offsets``: [N, P, 2, h, w], (dy, dx) in input pixels;
-    * ``mid_offsets``: [N, E, 2, h, w], (dy, dx) in input pixels.
+    Raises:
+        ValueError: naming the key, if ``IN_FEATURE`` / ``LOW_LEVEL_FEATURE`` are not backbone
+            outputs, the low-level stride is not 4, or the strides do not divide.
     """
-
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        num_classes: int,
-        num_keypoints: int,
-        num_edges: int,
-        sem_seg_channels: int,
-        instance_channels: int,
-        kernel_size: int,
-        norm: str,
-        heatmap_prior: float = 0.01,
-    ):
-        super().__init__()
-        self.num_keypoints, self.num_edges = num_keypoints, num_edges
-        prior_logit = float(torch.logit(torch.tensor(heatmap_prior)))
-
-        def head(ch, out, bias_init=None):
-            return PredictionHead(in_channels, ch, out, kernel_size, norm, bias_init)
-
-        self.sem_seg = head(sem_seg_channels, num_classes)
-        self.heatmap = head(instance_channels, num_keypoints, prior_logit)
-        self.long_offsets = head(instance_channels, 2 * num_keypoints)
-        self.short_offsets = head(instance_channels, 2 * num_keypoints)
-        self.mid_offsets = head(instance_channels, 2 * num_edges)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        n, _, h, w = x.shape
-        P, E = self.num_keypoints, self.num_edges
-        return {
-            "sem_seg": self.sem_seg(x),
-            "heatmap": self.heatmap(x),
-            "short_offsets": self.short_offsets(x).view(n, P, 2, h, w),
-            "mid_offsets": self.mid_offsets(x).view(n, E, 2, h, w),
-            "long_offsets": self.long_offsets(x).view(n, P, 2, h, w),
-        }
+    c = cfg.MODEL.DEEPERLAB
+    for key, name in (("IN_FEATURE", c.IN_FEATURE), ("LOW_LEVEL_FEATURE", c.LOW_LEVEL_FEATURE)):
+        if name not in backbone_shapes:
+            raise ValueError(
+                f"MODEL.DEEPERLAB.{key} = {name!r} is not an output of backbone "
+                f"{cfg.MODEL.BACKBONE.NAME} (it gives {sorted(backbone_shapes)})"
+            )
+    high, low = backbone_shapes[c.IN_FEATURE], backbone_shapes[c.LOW_LEVEL_FEATURE]
+    if high.stride % low.stride != 0:
+        raise ValueError(
+            f"stride of MODEL.DEEPERLAB.IN_FEATURE ({high.stride}) must be a multiple of the "
+            f"stride of MODEL.DEEPERLAB.LOW_LEVEL_FEATURE ({low.stride})"
+        )
+    if low.stride != 4:
+        raise ValueError(
+            f"MODEL.DEEPERLAB.LOW_LEVEL_FEATURE must have stride 4, {c.LOW_LEVEL_FEATURE!r} "
+            f"has stride {low.stride}"
+        )
+    return DeeperLabDecoder(
+        in_channels=high.channels,
+        low_level_in_channels=low.channels,
+        block_size=high.stride // low.stride,
+        aspp_channels=c.ASPP.CHANNELS,
+        aspp_dilations=c.ASPP.DILATIONS,
+        aspp_dropout=c.ASPP.DROPOUT,
+        low_level_channels=c.DECODER.LOW_LEVEL_CHANNELS,
+        out_channels=c.DECODER.OUT_CHANNELS,
+        kernel_size=c.DECODER.KERNEL_SIZE,
+        norm=c.NORM,
+    )

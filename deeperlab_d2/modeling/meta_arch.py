@@ -1,5 +1,6 @@
-"""The DeeperLab meta-architecture (SPEC §1-3)."""
+"""The DeeperLab meta-architecture (SPEC §1-5)."""
 
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -11,31 +12,15 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances
 from torch import nn
 
-from ..config import check_deeperlab_config, check_num_classes, post_process_config
-from ..data.target_generator import KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS
-from ..layers.post_processing import (
-    PostProcessConfig,
-    deeperlab_panoptic_inference,
-    mask_nonfinite_logits,
-)
-from .decoder import DeeperLabDecoder, DeeperLabHeads
-from .losses import (
-    masked_l1_loss,
-    weighted_bootstrapped_cross_entropy,
-    weighted_sigmoid_cross_entropy,
-)
+from ..config import check_deeperlab_config, check_num_classes
+from ..layers.post_processing import mask_nonfinite_logits, panoptic_inference
+from .decoder import DeeperLabDecoder, PredictionHead, build_deeperlab_decoder
+from .instance_branches import InstanceBranch, build_instance_branch
+from .losses import weighted_bootstrapped_cross_entropy
 
-# Target tensors the dataset mapper adds to each dataset dict, with their padding values.
-TARGET_PAD_VALUES = {
-    "sem_seg": None,  # the ignore value
-    "sem_seg_weights": 0.0,
-    "heatmap": 0.0,
-    "heatmap_weights": 0.0,
-    "short_offsets": 0.0,
-    "mid_offsets": 0.0,
-    "long_offsets": 0.0,
-    "long_offset_weights": 0.0,
-}
+# Semantic target tensors the dataset mapper adds to each dataset dict, with their padding
+# values (None = the ignore value); the instance branch adds its own (``target_pad_values``).
+SEMANTIC_TARGET_PAD_VALUES = {"sem_seg": None, "sem_seg_weights": 0.0}
 
 
 def pad_and_stack(tensors: Sequence[torch.Tensor], size, value: float) -> torch.Tensor:
@@ -48,18 +33,25 @@ def pad_and_stack(tensors: Sequence[torch.Tensor], size, value: float) -> torch.
 
 @META_ARCH_REGISTRY.register()
 class DeeperLab(nn.Module):
-    """DeeperLab: single-shot panoptic image parser (Yang et al., 2019).
+    """DeeperLab: single-shot panoptic image parser (Yang et al., 2019), with a pluggable
+    instance representation.
 
-    Backbone -> ASPP + space-to-depth decoder -> five heads (semantic, keypoint heatmaps,
-    short-, middle- and long-range offsets), all predicted at stride 4 and upsampled to the
-    (padded) input resolution.
+    Backbone -> ASPP + space-to-depth decoder -> a semantic head and the heads of an instance
+    branch (:mod:`deeperlab_d2.modeling.instance_branches`: DeeperLab's keypoints or
+    Panoptic-DeepLab's centers, by ``MODEL.DEEPERLAB.INSTANCE_REPRESENTATION``), predicted at
+    stride 4 and upsampled to the (padded) input resolution.
 
-    In training mode ``forward`` returns the loss dict. In eval mode it returns, per image,
-    Detectron2's standard outputs at the image's original ``height`` x ``width``:
-    ``sem_seg`` [C, H, W] logits, ``panoptic_seg`` (int32 id map, segments_info with
-    ``id``, ``category_id`` (contiguous), ``isthing``, ``score``, ``area``) and ``instances``
-    (``pred_masks``, ``pred_boxes``, ``pred_classes``, ``scores``) of the thing segments.
-    The raw head outputs are available from :meth:`predict`.
+    In training mode ``forward`` returns the loss dict (``loss_sem_seg`` and the branch's
+    ``loss_*``). In eval mode it returns, per image, Detectron2's standard outputs at the
+    image's original ``height`` x ``width``: ``sem_seg`` [C, H, W] float32 logits,
+    ``panoptic_seg`` (int32 id map, segments_info with ``id``, ``category_id`` (contiguous),
+    ``isthing``, ``score``, ``area``) and ``instances`` (``pred_masks``, ``pred_boxes``,
+    ``pred_classes``, ``scores``) of the thing segments.
+
+    The steps are public so that demos, pictures and diagnoses share one path:
+    :meth:`preprocess` (normalize + pad), :meth:`predict` (head outputs), :meth:`run_heads`
+    (both, grouped by padded size), :meth:`panoptic` (post-processing of head outputs) and
+    :meth:`inference` (Detectron2's outputs).
     """
 
     @configurable
@@ -68,43 +60,38 @@ class DeeperLab(nn.Module):
         *,
         backbone: Backbone,
         decoder: DeeperLabDecoder,
-        heads: DeeperLabHeads,
+        sem_seg_head: nn.Module,
+        instance_branch: InstanceBranch,
         in_feature: str,
         low_level_feature: str,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
-        ignore_value: int = 255,
-        sem_seg_loss_weight: float = 1.0,
-        sem_seg_top_k_ratio: float = 0.15,
-        heatmap_loss_weight: float = 1.0,
-        short_offset_loss_weight: float = 1.0,
-        mid_offset_loss_weight: float = 0.25,
-        long_offset_loss_weight: float = 0.1,
-        offset_normalizer: float = 25.0,
-        thing_ids=None,
-        post_process: Optional[PostProcessConfig] = None,
-        panoptic_on: bool = True,
-        instances_on: bool = True,
+        ignore_value: int,
+        sem_seg_loss_weight: float,
+        sem_seg_top_k_ratio: float,
+        thing_ids: Optional[Sequence[int]],
+        panoptic_on: bool,
+        instances_on: bool,
     ):
         """
         Args:
             backbone: a Detectron2 backbone giving ``in_feature`` and ``low_level_feature``.
-            decoder, heads: see :mod:`deeperlab_d2.modeling.decoder`.
+            decoder: the shared ASPP + space-to-depth decoder.
+            sem_seg_head: shared decoder output -> [N, C, H/4, W/4] semantic logits.
+            instance_branch: heads, losses and inference of the instance representation.
             pixel_mean, pixel_std: per-channel normalization of the input image.
             size_divisibility: inputs are padded to a multiple of it.
-            offset_normalizer: the offset heads predict offsets divided by this value (better
-                conditioned); outputs are multiplied back to pixels, and the L1 losses compare
-                offsets divided by it.
+            ignore_value: ignored semantic label.
+            sem_seg_loss_weight, sem_seg_top_k_ratio: the bootstrapped CE.
             thing_ids: contiguous ids of the thing classes (needed for inference).
-            post_process: thresholds of the panoptic post-processing.
             panoptic_on, instances_on: which inference outputs to return (``sem_seg`` always).
-            others: loss weights, see ``add_deeperlab_config``.
         """
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
-        self.heads = heads
+        self.sem_seg_head = sem_seg_head
+        self.instance_branch = instance_branch
         self.in_feature = in_feature
         self.low_level_feature = low_level_feature
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -113,13 +100,7 @@ class DeeperLab(nn.Module):
         self.ignore_value = ignore_value
         self.sem_seg_loss_weight = sem_seg_loss_weight
         self.sem_seg_top_k_ratio = sem_seg_top_k_ratio
-        self.heatmap_loss_weight = heatmap_loss_weight
-        self.short_offset_loss_weight = short_offset_loss_weight
-        self.mid_offset_loss_weight = mid_offset_loss_weight
-        self.long_offset_loss_weight = long_offset_loss_weight
-        self.offset_normalizer = offset_normalizer
         self.thing_ids = None if thing_ids is None else list(thing_ids)
-        self.post_process = post_process or PostProcessConfig()
         self.panoptic_on = panoptic_on
         self.instances_on = instances_on
 
@@ -130,45 +111,8 @@ class DeeperLab(nn.Module):
         c = cfg.MODEL.DEEPERLAB
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
-        for key, name in (("IN_FEATURE", c.IN_FEATURE), ("LOW_LEVEL_FEATURE", c.LOW_LEVEL_FEATURE)):
-            if name not in shapes:
-                raise ValueError(
-                    f"MODEL.DEEPERLAB.{key} = {name!r} is not an output of backbone "
-                    f"{cfg.MODEL.BACKBONE.NAME} (it gives {sorted(shapes)})"
-                )
+        decoder = build_deeperlab_decoder(cfg, shapes)
         high, low = shapes[c.IN_FEATURE], shapes[c.LOW_LEVEL_FEATURE]
-        if high.stride % low.stride != 0:
-            raise ValueError(
-                f"stride of MODEL.DEEPERLAB.IN_FEATURE ({high.stride}) must be a multiple of the "
-                f"stride of MODEL.DEEPERLAB.LOW_LEVEL_FEATURE ({low.stride})"
-            )
-        if low.stride != 4:
-            raise ValueError(
-                f"MODEL.DEEPERLAB.LOW_LEVEL_FEATURE must have stride 4, {c.LOW_LEVEL_FEATURE!r} "
-                f"has stride {low.stride}"
-            )
-        decoder = DeeperLabDecoder(
-            in_channels=high.channels,
-            low_level_in_channels=low.channels,
-            block_size=high.stride // low.stride,
-            aspp_channels=c.ASPP.CHANNELS,
-            aspp_dilations=c.ASPP.DILATIONS,
-            aspp_dropout=c.ASPP.DROPOUT,
-            low_level_channels=c.DECODER.LOW_LEVEL_CHANNELS,
-            out_channels=c.DECODER.OUT_CHANNELS,
-            kernel_size=c.DECODER.KERNEL_SIZE,
-            norm=c.NORM,
-        )
-        heads = DeeperLabHeads(
-            in_channels=c.DECODER.OUT_CHANNELS,
-            num_classes=c.NUM_CLASSES,
-            num_keypoints=NUM_KEYPOINTS,
-            num_edges=NUM_EDGES,
-            sem_seg_channels=c.SEM_SEG_HEAD_CHANNELS,
-            instance_channels=c.INSTANCE_HEAD_CHANNELS,
-            kernel_size=c.HEAD_KERNEL_SIZE,
-            norm=c.NORM,
-        )
         size_div = c.SIZE_DIVISIBILITY
         if size_div <= 0:
             size_div = max(high.stride, 4 * (high.stride // low.stride))
@@ -178,15 +122,14 @@ class DeeperLab(nn.Module):
             meta = MetadataCatalog.get(datasets[0])
             if hasattr(meta, "thing_dataset_id_to_contiguous_id"):
                 thing_ids = sorted(meta.thing_dataset_id_to_contiguous_id.values())
-        p = c.POST_PROCESS
+        sem_seg_head = PredictionHead(
+            decoder.out_channels, c.SEM_SEG_HEAD_CHANNELS, c.NUM_CLASSES, c.HEAD_KERNEL_SIZE, c.NORM
+        )
         return {
-            "thing_ids": thing_ids,
-            "post_process": post_process_config(cfg),
-            "panoptic_on": p.PANOPTIC_ON,
-            "instances_on": p.INSTANCES_ON,
             "backbone": backbone,
             "decoder": decoder,
-            "heads": heads,
+            "sem_seg_head": sem_seg_head,
+            "instance_branch": build_instance_branch(cfg, decoder.out_channels, shapes),
             "in_feature": c.IN_FEATURE,
             "low_level_feature": c.LOW_LEVEL_FEATURE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -195,16 +138,23 @@ class DeeperLab(nn.Module):
             "ignore_value": c.IGNORE_VALUE,
             "sem_seg_loss_weight": c.LOSS.SEM_SEG_WEIGHT,
             "sem_seg_top_k_ratio": c.LOSS.SEM_SEG_TOP_K_RATIO,
-            "heatmap_loss_weight": c.LOSS.HEATMAP_WEIGHT,
-            "short_offset_loss_weight": c.LOSS.SHORT_OFFSET_WEIGHT,
-            "mid_offset_loss_weight": c.LOSS.MID_OFFSET_WEIGHT,
-            "long_offset_loss_weight": c.LOSS.LONG_OFFSET_WEIGHT,
-            "offset_normalizer": c.LOSS.OFFSET_NORMALIZER,
+            "thing_ids": thing_ids,
+            "panoptic_on": c.POST_PROCESS.PANOPTIC_ON,
+            "instances_on": c.POST_PROCESS.INSTANCES_ON,
         }
 
     @property
     def device(self):
         return self.pixel_mean.device
+
+    # ----------------------------------------------------------------------------------------
+    # the network
+    # ----------------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[torch.Tensor]) -> ImageList:
+        """uint8 (or float) [3, h_i, w_i] images -> normalized, padded to a multiple of
+        ``size_divisibility``, on the model's device (the one preprocessing path)."""
+        images = [(x.to(self.device) - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.size_divisibility)
 
     def predict(
         self, images: torch.Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]] = None
@@ -221,8 +171,8 @@ class DeeperLab(nn.Module):
                 every image is valid.
 
         Returns:
-            raw head outputs (see :class:`DeeperLabHeads`), in the compute dtype (e.g.
-            bfloat16 under autocast), offsets in input pixels.
+            ``sem_seg`` [N, C, H, W] logits and the instance branch's outputs (see its
+            class), in the compute dtype (e.g. bfloat16 under autocast).
         """
         features = self.backbone(images)
         high = features[self.in_feature]
@@ -232,56 +182,98 @@ class DeeperLab(nn.Module):
             # ceil(h * h_f / H): every encoder cell that covers at least one valid pixel
             valid = [(-(-int(h) * h_f // H), -(-int(w) * w_f // W)) for h, w in image_sizes]
         x = self.decoder(high, features[self.low_level_feature], valid)
-        raw = self.heads(x)
         size = images.shape[-2:]
-        out = {}
-        for name, t in raw.items():
-            if t.dim() == 5:  # offset fields [N, K, 2, h, w]
-                n, k = t.shape[:2]
-                up = F.interpolate(t.flatten(1, 2), size=size, mode="bilinear", align_corners=False)
-                out[name] = up.view(n, k, 2, *size) * self.offset_normalizer
-            else:
-                out[name] = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+        out = {"sem_seg": F.interpolate(self.sem_seg_head(x), size=size, mode="bilinear")}
+        out.update(self.instance_branch(x, features, size, valid))
+        return out
+
+    def run_heads(
+        self, batched_inputs: List[dict]
+    ) -> List[Tuple[List[int], Dict[str, torch.Tensor], List[Tuple[int, int]]]]:
+        """Preprocess and predict a batch in groups of equal padded size.
+
+        Returns:
+            per group: (indices into ``batched_inputs``, head outputs of the padded group,
+            each image's (h, w) at the network input).
+        """
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        d = max(self.size_divisibility, 1)
+        for i, x in enumerate(batched_inputs):
+            padded = tuple(-(-int(s) // d) * d for s in x["image"].shape[-2:])
+            groups.setdefault(padded, []).append(i)
+        out = []
+        for idx in groups.values():
+            images = self.preprocess([batched_inputs[i]["image"] for i in idx])
+            out.append((idx, self.predict(images.tensor, images.image_sizes), images.image_sizes))
         return out
 
     def forward(self, batched_inputs: List[dict]):
         """
         Args:
             batched_inputs: dataset dicts from the DeeperLab mapper: "image" [3, H, W] and, in
-                training, the target tensors of :class:`DeeperLabTargetGenerator`.
+                training, the target tensors of the semantic and instance target generators.
 
         Returns:
             training: dict of scalar losses ``loss_*``; eval: see the class docstring.
 
         In eval mode an image's result does not depend on the other images of the batch:
-        images are run in groups of equal padded size (``size_divisibility``), so each is
-        padded exactly as it would be alone. Padding an image further (to batch it with a
-        larger one) changes its features near its bottom/right border through every conv's
-        receptive field (zero conv padding vs. features of the padded area), and through the
-        dilated ASPP convs (dilation 18 cells = 288 px at output stride 16) far inside it.
-        Training batches all images together; the ASPP image pooling then averages each image
-        over its own valid region only.
+        images are run in groups of equal padded size (``size_divisibility``, see
+        :meth:`run_heads`), so each is padded exactly as it would be alone. Padding an image
+        further (to batch it with a larger one) changes its features near its bottom/right
+        border through every conv's receptive field (zero conv padding vs. features of the
+        padded area), and through the dilated ASPP convs (dilation 18 cells = 288 px at output
+        stride 16) far inside it. Training batches all images together; the ASPP image pooling
+        then averages each image over its own valid region only.
         """
-        images = [x["image"].to(self.device) for x in batched_inputs]
-        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
         if self.training:
-            images = ImageList.from_tensors(images, self.size_divisibility)
+            images = self.preprocess([x["image"] for x in batched_inputs])
             outputs = self.predict(images.tensor, images.image_sizes)
             targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
             return self.losses(outputs, targets)
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        d = max(self.size_divisibility, 1)
-        for i, image in enumerate(images):
-            padded = tuple(-(-int(s) // d) * d for s in image.shape[-2:])
-            groups.setdefault(padded, []).append(i)
-        results: List[Optional[dict]] = [None] * len(images)
-        for idx in groups.values():
-            group = ImageList.from_tensors([images[i] for i in idx], self.size_divisibility)
-            outputs = self.predict(group.tensor, group.image_sizes)
+        results: List[Optional[dict]] = [None] * len(batched_inputs)
+        for idx, outputs, sizes in self.run_heads(batched_inputs):
             inputs = [batched_inputs[i] for i in idx]
-            for i, res in zip(idx, self.inference(outputs, inputs, group.image_sizes)):
+            for i, res in zip(idx, self.inference(outputs, inputs, sizes)):
                 results[i] = res
         return results
+
+    # ----------------------------------------------------------------------------------------
+    # inference
+    # ----------------------------------------------------------------------------------------
+    def panoptic(
+        self,
+        outputs: Dict[str, torch.Tensor],
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+        return_maps: bool = False,
+    ) -> List[Dict[str, object]]:
+        """Post-process head outputs (at the network input resolution) into each image's
+        panoptic result: the instance branch's instance inference, then the shared fusion
+        (:func:`~deeperlab_d2.layers.post_processing.panoptic_inference`; float32, autocast
+        off, NaN-safe semantic labels).
+
+        Args:
+            outputs: :meth:`predict`'s outputs.
+            image_sizes: (h, w) of each image's valid part (None: the whole tensor).
+            return_maps: also return the branch's intermediate maps (for pictures).
+
+        Returns:
+            per image a dict with ``panoptic`` [h, w] int32, ``segments_info``, ``semantic``,
+            ``instance_map``, ``instance_scores`` and the branch's extras.
+        """
+        if self.thing_ids is None:
+            raise ValueError(
+                "DeeperLab inference needs the thing classes: DATASETS.TEST (or TRAIN) must "
+                "name a registered dataset with thing_dataset_id_to_contiguous_id metadata"
+            )
+        branch = self.instance_branch
+        return panoptic_inference(
+            outputs["sem_seg"],
+            {k: outputs[k] for k in branch.output_names},
+            functools.partial(branch.instance_inference, return_maps=return_maps),
+            self.thing_ids,
+            branch.post_process,
+            image_sizes,
+        )
 
     def inference(self, outputs: Dict[str, torch.Tensor], batched_inputs, image_sizes):
         """Post-process the head outputs of a batch into Detectron2's standard outputs.
@@ -295,21 +287,7 @@ class DeeperLab(nn.Module):
         """
         panoptic = [None] * len(image_sizes)
         if self.panoptic_on or self.instances_on:
-            if self.thing_ids is None:
-                raise ValueError(
-                    "DeeperLab inference needs the thing classes: DATASETS.TEST (or TRAIN) must "
-                    "name a registered dataset with thing_dataset_id_to_contiguous_id metadata"
-                )
-            panoptic = deeperlab_panoptic_inference(
-                outputs["sem_seg"],
-                outputs["heatmap"],
-                outputs["short_offsets"],
-                outputs["mid_offsets"],
-                outputs["long_offsets"],
-                self.thing_ids,
-                self.post_process,
-                image_sizes,
-            )
+            panoptic = self.panoptic(outputs, image_sizes)
         results = []
         for i, (image_size, inputs) in enumerate(zip(image_sizes, batched_inputs)):
             height = inputs.get("height", image_size[0])
@@ -334,14 +312,19 @@ class DeeperLab(nn.Module):
             results.append(res)
         return results
 
+    # ----------------------------------------------------------------------------------------
+    # training
+    # ----------------------------------------------------------------------------------------
     def prepare_targets(self, batched_inputs: List[dict], size) -> Dict[str, torch.Tensor]:
         """Pad every target tensor to the padded image size and stack them."""
+        pads = {**SEMANTIC_TARGET_PAD_VALUES, **self.instance_branch.target_pad_values}
         targets = {}
-        for key, pad in TARGET_PAD_VALUES.items():
+        for key, pad in pads.items():
             if key not in batched_inputs[0]:
                 raise KeyError(
                     f"training input has no {key!r}: DeeperLab must be trained with "
-                    "DeeperLabDatasetMapper (see train_net.py)"
+                    "DeeperLabDatasetMapper (see train_net.py) built from the same config "
+                    "(MODEL.DEEPERLAB.INSTANCE_REPRESENTATION)"
                 )
             value = self.ignore_value if pad is None else pad
             tensors = [x[key].to(self.device) for x in batched_inputs]
@@ -349,10 +332,7 @@ class DeeperLab(nn.Module):
         return targets
 
     def losses(self, outputs: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor]):
-        heat_mask = targets["heatmap"]  # the disks also mask short- and mid-range offsets
-        edge_sources = [src for src, _ in KEYPOINT_EDGES]
-        norm = self.offset_normalizer
-        return {
+        losses = {
             "loss_sem_seg": self.sem_seg_loss_weight
             * weighted_bootstrapped_cross_entropy(
                 outputs["sem_seg"],
@@ -360,25 +340,10 @@ class DeeperLab(nn.Module):
                 targets["sem_seg_weights"],
                 self.sem_seg_top_k_ratio,
                 self.ignore_value,
-            ),
-            "loss_heatmap": self.heatmap_loss_weight
-            * weighted_sigmoid_cross_entropy(
-                outputs["heatmap"], targets["heatmap"], targets["heatmap_weights"]
-            ),
-            "loss_short_offset": self.short_offset_loss_weight
-            * masked_l1_loss(outputs["short_offsets"], targets["short_offsets"], heat_mask, norm),
-            "loss_mid_offset": self.mid_offset_loss_weight
-            * masked_l1_loss(
-                outputs["mid_offsets"], targets["mid_offsets"], heat_mask[:, edge_sources], norm
-            ),
-            "loss_long_offset": self.long_offset_loss_weight
-            * masked_l1_loss(
-                outputs["long_offsets"],
-                targets["long_offsets"],
-                targets["long_offset_weights"],
-                norm,
-            ),
+            )
         }
+        losses.update(self.instance_branch.losses(outputs, targets))
+        return losses
 
 
 def panoptic_to_instances(panoptic: torch.Tensor, segments_info: List[dict]) -> Instances:
