@@ -29,9 +29,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from deeperlab_d2 import add_deeperlab_config
 from deeperlab_d2.checkpoint import load_model_weights
-from deeperlab_d2.config import post_process_config
 from deeperlab_d2.data import DatasetFileError, read_image_or_raise
-from deeperlab_d2.visualization import keypoint_maps_picture
+from deeperlab_d2.visualization import instance_maps_picture
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -42,7 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--input", nargs="+", required=True, help="image files or folders")
     p.add_argument("--output", required=True, help="folder for the pictures")
     p.add_argument("--ground-truth", default=None, help="registered dataset with the images")
-    p.add_argument("--keypoint-maps", action="store_true", help="also draw heatmaps/score maps")
+    p.add_argument(
+        "--keypoint-maps",
+        "--instance-maps",
+        dest="keypoint_maps",
+        action="store_true",
+        help="also draw the instance branch's maps (keypoint heatmaps and Hough score maps, or "
+        "the center heatmap and offsets) to <name>_keypoints.png",
+    )
     p.add_argument("--max-images", type=int, default=0, help="stop after this many (0 = all)")
     p.add_argument(
         "--allow-random-weights",
@@ -96,13 +102,25 @@ class Demo:
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
 
     @torch.no_grad()
-    def __call__(self, rgb: np.ndarray):
-        """rgb: [H, W, 3] uint8 -> (model output dict, resized network input as RGB)."""
+    def __call__(self, rgb: np.ndarray, maps: bool = False):
+        """rgb: [H, W, 3] uint8 -> (Detectron2 output dict, debugging picture of the instance
+        branch's maps or None). One forward pass through the model's own preprocessing,
+        prediction and post-processing (:meth:`DeeperLab.run_heads`, :meth:`.inference`)."""
         h, w = rgb.shape[:2]
         resized = self.aug.get_transform(rgb).apply_image(rgb)
         image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        (out,) = self.model([{"image": image, "height": h, "width": w}])
-        return out, resized
+        inputs = [{"image": image, "height": h, "width": w}]
+        ((_, outputs, sizes),) = self.model.run_heads(inputs)
+        (out,) = self.model.inference(outputs, inputs, sizes)
+        picture = None
+        if maps:
+            (result,) = self.model.panoptic(outputs, sizes, return_maps=True)
+            (vh, vw) = sizes[0]
+            cropped = {k: v[..., :vh, :vw] for k, v in outputs.items()}
+            picture = instance_maps_picture(
+                self.cfg.MODEL.DEEPERLAB.INSTANCE_REPRESENTATION, resized, cropped, result
+            )
+        return out, picture
 
     def draw_prediction(self, rgb, out):
         vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
@@ -111,19 +129,6 @@ class Demo:
 
     def draw_ground_truth(self, rgb, record):
         return Visualizer(rgb, self.metadata).draw_dataset_dict(record).get_image()
-
-    @torch.no_grad()
-    def draw_keypoint_maps(self, resized):
-        model = self.model
-        image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
-        x = ((image.to(model.device) - model.pixel_mean) / model.pixel_std)[None]
-        h, w = x.shape[-2:]
-        d = model.size_divisibility
-        x = torch.nn.functional.pad(x, (0, (-w) % d, 0, (-h) % d))
-        outputs = {k: v[..., :h, :w] for k, v in model.predict(x).items()}
-        return keypoint_maps_picture(
-            resized, outputs, model.thing_ids, post_process_config(self.cfg)
-        )
 
 
 def main(argv=None):
@@ -151,15 +156,14 @@ def main(argv=None):
             logger.error(f"[{i + 1}/{len(files)}] skipped: {e}")
             skipped.append(path)
             continue
-        out, resized = demo(rgb)
+        out, maps = demo(rgb, maps=args.keypoint_maps)
         picture = demo.draw_prediction(rgb, out)
         record = records.get(os.path.abspath(path))
         if record is not None:
             picture = np.concatenate([demo.draw_ground_truth(rgb, record), picture], axis=1)
         name = os.path.splitext(os.path.basename(path))[0]
         cv2.imwrite(os.path.join(args.output, name + ".png"), picture[..., ::-1])
-        if args.keypoint_maps:
-            maps = demo.draw_keypoint_maps(resized)
+        if maps is not None:
             cv2.imwrite(os.path.join(args.output, name + "_keypoints.png"), maps[..., ::-1])
         things = sum(s["isthing"] for s in out["panoptic_seg"][1])
         logger.info(f"[{i + 1}/{len(files)}] {path}: {things} instances -> {args.output}")

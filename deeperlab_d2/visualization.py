@@ -1,18 +1,19 @@
-"""Pictures for people debugging a DeeperLab model: keypoint heatmaps and Hough score maps."""
+"""Pictures for people debugging a model: the instance branch's maps (keypoint heatmaps and
+Hough score maps, or the center heatmap) with what the post-processing detected.
 
-from typing import Sequence
+Every picture is drawn from :meth:`DeeperLab.predict` outputs and the result of
+:meth:`DeeperLab.panoptic` with ``return_maps=True``: the same inference path as evaluation.
+"""
+
+from typing import Dict
 
 import cv2
 import numpy as np
 import torch
 
-from .data.target_generator import KEYPOINT_NAMES
-from .layers.post_processing import (
-    PostProcessConfig,
-    find_keypoints,
-    hough_score_maps,
-    refine_long_offsets,
-)
+from .layers.keypoints import KEYPOINT_NAMES
+
+__all__ = ["center_maps_picture", "instance_maps_picture", "keypoint_maps_picture"]
 
 
 def _colorize(m: np.ndarray, vmax: float) -> np.ndarray:
@@ -30,45 +31,71 @@ def _label(tile: np.ndarray, text: str) -> np.ndarray:
     return tile
 
 
+def _circles(tile: np.ndarray, ys, xs, color=(0, 255, 0)) -> np.ndarray:
+    for y, x in zip(ys, xs):
+        cv2.circle(tile, (int(round(x)), int(round(y))), 3, color, 1)
+    return tile
+
+
 @torch.no_grad()
-def keypoint_maps_picture(
-    image: np.ndarray,
-    outputs: dict,
-    thing_ids: Sequence[int],
-    cfg: PostProcessConfig,
-) -> np.ndarray:
+def keypoint_maps_picture(image: np.ndarray, outputs: Dict[str, torch.Tensor], result: dict):
     """A grid: the image, then for each keypoint type its heatmap probability (top row) and its
     fused Hough score map with the detected keypoint candidates (bottom row).
 
     Args:
-        image: [H, W, 3] uint8 RGB, the network input (same size as the outputs).
-        outputs: ``DeeperLab.predict`` outputs of that single image (batch of one).
-        thing_ids: contiguous thing class ids.
-        cfg: post-processing thresholds.
+        image: [H, W, 3] uint8 RGB, the network input (the outputs' valid size).
+        outputs: ``predict`` outputs of that single image (batch of one), cropped to H x W.
+        result: its :meth:`DeeperLab.panoptic` result with ``return_maps=True``
+            (``score_maps``, ``keypoint_candidates``).
 
     Returns:
         [2 * H, (P + 1) * W, 3] uint8 RGB picture.
     """
-    heat = outputs["heatmap"].sigmoid()
-    semantic = outputs["sem_seg"].argmax(1)
-    is_thing = torch.zeros(outputs["sem_seg"].shape[1], dtype=torch.bool, device=heat.device)
-    is_thing[list(thing_ids)] = True
-    thing_mask = is_thing[semantic]
-    ys, xs = torch.nonzero(thing_mask[0], as_tuple=True)
-    long = torch.zeros_like(outputs["long_offsets"])
-    long[0][:, :, ys, xs] = refine_long_offsets(
-        outputs["long_offsets"][0], outputs["short_offsets"][0], ys, xs, cfg.refine_steps
-    )
-    maps = hough_score_maps(heat, outputs["short_offsets"], long, thing_mask, cfg)
-    (cands,) = find_keypoints(maps, cfg)
-    heat_np, maps_np = heat[0].cpu().numpy(), maps[0].cpu().numpy()
+    heat = outputs["heatmap"][0].float().sigmoid().cpu().numpy()
+    maps = result["score_maps"].cpu().numpy()
+    cands = result["keypoint_candidates"]
     top = [_label(image, "input")]
     bottom = [_label(np.zeros_like(image), f"{len(cands['y'])} keypoints")]
     for k, name in enumerate(KEYPOINT_NAMES):
-        top.append(_label(_colorize(heat_np[k], 1.0), f"heatmap {name}"))
-        tile = _colorize(maps_np[k], float(maps_np[k].max()))
+        top.append(_label(_colorize(heat[k], 1.0), f"heatmap {name}"))
+        tile = _colorize(maps[k], float(maps[k].max()))
         sel = (cands["type"] == k).cpu()
-        for y, x in zip(cands["y"][sel].tolist(), cands["x"][sel].tolist()):
-            cv2.circle(tile, (int(round(x)), int(round(y))), 3, (0, 255, 0), 1)
+        tile = _circles(tile, cands["y"][sel].tolist(), cands["x"][sel].tolist())
         bottom.append(_label(tile, f"score map {name}"))
     return np.concatenate([np.concatenate(top, 1), np.concatenate(bottom, 1)], 0)
+
+
+@torch.no_grad()
+def center_maps_picture(image: np.ndarray, outputs: Dict[str, torch.Tensor], result: dict):
+    """The image, the center heatmap with the detected centers, and the length of the
+    predicted center offsets on thing pixels.
+
+    Args: as :func:`keypoint_maps_picture` (``result`` needs ``instance_centers``).
+
+    Returns:
+        [H, 3 * W, 3] uint8 RGB picture.
+    """
+    heat = outputs["center_heatmap"][0, 0].float().cpu().numpy()
+    offsets = outputs["center_offsets"][0, 0].float().norm(dim=0).cpu().numpy()
+    thing = (result["instance_map"] >= 0).cpu().numpy()
+    centers = result["instance_centers"].cpu()
+    tile = _circles(_colorize(heat, 1.0), centers[:, 0].tolist(), centers[:, 1].tolist())
+    offset_tile = _colorize(np.where(thing, offsets, 0.0), float(offsets[thing].max(initial=1.0)))
+    return np.concatenate(
+        [
+            _label(image, "input"),
+            _label(tile, f"center heatmap, {len(centers)} centers"),
+            _label(offset_tile, "|center offset| on things"),
+        ],
+        1,
+    )
+
+
+PICTURES = {"keypoints": keypoint_maps_picture, "center": center_maps_picture}
+
+
+def instance_maps_picture(representation: str, image, outputs, result) -> np.ndarray:
+    """The debugging picture of an instance representation (see :data:`PICTURES`)."""
+    if representation not in PICTURES:
+        raise ValueError(f"no picture for instance representation {representation!r}")
+    return PICTURES[representation](image, outputs, result)
