@@ -65,7 +65,7 @@ def test_config_loads_and_model_builds(path):
     # the decoder's separable convs run with OUT_CHANNELS * block^2 channels (4096 in the paper)
     shapes = model.backbone.output_shape()
     block = shapes[c.IN_FEATURE].stride // shapes[c.LOW_LEVEL_FEATURE].stride
-    assert model.decoder.fuse[1][1].out_channels == c.DECODER.OUT_CHANNELS * block**2
+    assert model.decoder.fuse[1].pointwise.out_channels == c.DECODER.OUT_CHANNELS * block**2
 
 
 def test_paper_decoder_width():
@@ -73,7 +73,7 @@ def test_paper_decoder_width():
         os.path.join(ROOT, "configs/cityscapes/deeperlab_X71_os16_poly_90k_bs32_crop1024x2048.yaml")
     )
     model = build_model(cfg)
-    assert model.decoder.fuse[1][1].out_channels == 4096
+    assert model.decoder.fuse[1].pointwise.out_channels == 4096
     assert model.decoder.block_size == 4
 
 

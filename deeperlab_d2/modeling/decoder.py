@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
+from .blocks import SeparableConv2d, init_conv_weights
+
 
 def space_to_depth(x: torch.Tensor, block: int) -> torch.Tensor:
     """[N, C, H, W] -> [N, C * block**2, H / block, W / block] (H, W divisible by ``block``)."""
@@ -159,37 +161,6 @@ class ASPP(nn.Module):
         return out
 
 
-class SeparableConv2d(nn.Sequential):
-    """KxK depthwise conv + norm + ReLU, then 1x1 pointwise conv + norm + ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str):
-        super().__init__(
-            Conv2d(
-                in_channels,
-                in_channels,
-                kernel_size,
-                padding=kernel_size // 2,
-                groups=in_channels,
-                bias=not norm,
-                norm=get_norm(norm, in_channels),
-                activation=nn.ReLU(),
-            ),
-            Conv2d(
-                in_channels,
-                out_channels,
-                1,
-                bias=not norm,
-                norm=get_norm(norm, out_channels),
-                activation=nn.ReLU(),
-            ),
-        )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-
 class DeeperLabDecoder(nn.Module):
     """ASPP + space-to-depth decoder.
 
@@ -241,9 +212,10 @@ class DeeperLabDecoder(nn.Module):
         wide = out_channels * block_size**2
         fused = aspp_channels + low_level_channels * block_size**2
         self.fuse = nn.Sequential(
-            SeparableConv2d(fused, wide, kernel_size, norm),
-            SeparableConv2d(wide, wide, kernel_size, norm),
+            SeparableConv2d(fused, wide, kernel_size, norm=norm),
+            SeparableConv2d(wide, wide, kernel_size, norm=norm),
         )
+        init_conv_weights(self.fuse, nonlinearity="relu")
         self.out_channels = out_channels
 
     def forward(
@@ -284,7 +256,8 @@ class PredictionHead(nn.Module):
         bias_init: Optional[float] = None,
     ):
         super().__init__()
-        self.tower = SeparableConv2d(in_channels, head_channels, kernel_size, norm)
+        self.tower = SeparableConv2d(in_channels, head_channels, kernel_size, norm=norm)
+        init_conv_weights(self.tower, nonlinearity="relu")
         self.predictor = nn.Conv2d(head_channels, out_channels, 1)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.constant_(self.predictor.bias, 0.0 if bias_init is None else bias_init)

@@ -23,7 +23,7 @@ stride is removed keeps the previous dilation). Output stride 16 removes the str
 stage, output stride 8 also the one of the 64 stage.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
@@ -31,8 +31,6 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
 from .common import (
-    STAGE_NAMES,
-    VALID_OUTPUT_STRIDES,
     StagedNetwork,
     check_output_stride_and_features,
 )
@@ -173,25 +171,12 @@ class MobileNetV2(StagedNetwork):
         kernel_size: int = 5,
     ):
         super().__init__()
-        if output_stride not in VALID_OUTPUT_STRIDES:
-            raise ValueError(
-                f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride}"
-            )
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd integer >= 3, got {kernel_size}")
-        out_features = list(STAGE_NAMES if out_features is None else out_features)
-        bad = [f for f in out_features if f not in STAGE_NAMES]
-        if not out_features or bad:
-            raise ValueError(
-                f"out_features must be a non-empty subset of {STAGE_NAMES}, got {out_features}"
-            )
-        self.output_stride = output_stride
         self.width_mult = width_mult
         self.kernel_size = kernel_size
-        self._out_features: List[str] = [f for f in STAGE_NAMES if f in out_features]
-        last_needed = self._out_features[-1]
 
         stem_channels = make_divisible(32 * width_mult)
         self.stem = Conv2d(
@@ -205,23 +190,13 @@ class MobileNetV2(StagedNetwork):
             activation=nn.ReLU6(inplace=True),
         )
 
-        current_stride, dilation = 2, 1
+        self._start_stages(output_stride, out_features)
         prev = stem_channels
-        self.stage_names: List[str] = []
-        self._stage_outputs: Dict[str, str] = {}  # stage name -> feature name
-        self._out_feature_channels: Dict[str, int] = {}
-        self._out_feature_strides: Dict[str, int] = {}
         for idx, (t, c, n, s, feature) in enumerate(self.STAGES):
             out_channels = make_divisible(c * width_mult)
             blocks = []
             for i in range(n):
-                stride = s if i == 0 else 1
-                if current_stride >= output_stride:
-                    block_stride, block_dilation = 1, dilation
-                    dilation *= stride
-                else:
-                    block_stride, block_dilation = stride, dilation
-                    current_stride *= stride
+                block_stride, block_dilation = self._atrous(s if i == 0 else 1)
                 blocks.append(
                     InvertedResidual(
                         prev,
@@ -234,15 +209,8 @@ class MobileNetV2(StagedNetwork):
                     )
                 )
                 prev = out_channels
-            name = f"stage{idx + 1}"
-            self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
-            if feature is not None:
-                self._stage_outputs[name] = feature
-                self._out_feature_channels[feature] = prev
-                self._out_feature_strides[feature] = current_stride
-                if feature == last_needed:
-                    break
+            if self._add_stage(f"stage{idx + 1}", nn.Sequential(*blocks), feature, prev):
+                break
 
         self.init_conv_weights()
 

@@ -26,92 +26,20 @@ runs at dilation 1 (exit 1) / 2 (exit 2); at output stride 8 the middle flow run
 2 and the exit flow at 2 / 4.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
+from ..blocks import SeparableConv2d
 from .common import (
-    STAGE_NAMES,
-    VALID_OUTPUT_STRIDES,
     StagedNetwork,
     check_output_stride_and_features,
 )
 
 __all__ = ["SeparableConv2d", "XceptionBlock", "Xception71", "build_xception71_backbone"]
-
-
-def _same_padding(kernel_size: int, dilation: int) -> int:
-    """Symmetric padding keeping ``ceil(H / stride)`` outputs for odd kernels.
-
-    Args:
-        kernel_size: odd kernel size.
-        dilation: dilation of the conv.
-
-    Returns:
-        The padding on each side (equal to TF "SAME" padding when the input is divisible by the
-        stride).
-    """
-    return dilation * (kernel_size - 1) // 2
-
-
-class SeparableConv2d(nn.Module):
-    """Depthwise KxK conv + norm + ReLU, then pointwise 1x1 conv + norm (+ ReLU).
-
-    Args:
-        in_channels: input channels.
-        out_channels: output channels of the pointwise conv.
-        kernel_size: depthwise kernel size (odd).
-        stride: stride of the depthwise conv.
-        dilation: dilation of the depthwise conv.
-        norm: Detectron2 norm name (see :func:`detectron2.layers.get_norm`).
-        last_activation: whether to apply ReLU after the pointwise norm. Blocks with a
-            shortcut disable it and apply the ReLU after the residual sum.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        dilation: int = 1,
-        norm: str = "BN",
-        last_activation: bool = True,
-    ):
-        super().__init__()
-        self.depthwise = Conv2d(
-            in_channels,
-            in_channels,
-            kernel_size=kernel_size,
-            stride=stride,
-            padding=_same_padding(kernel_size, dilation),
-            dilation=dilation,
-            groups=in_channels,
-            bias=False,
-            norm=get_norm(norm, in_channels),
-            activation=nn.ReLU(inplace=True),
-        )
-        self.pointwise = Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size=1,
-            bias=False,
-            norm=get_norm(norm, out_channels),
-            activation=nn.ReLU(inplace=True) if last_activation else None,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: (N, in_channels, H, W) tensor.
-
-        Returns:
-            (N, out_channels, H', W') tensor.
-        """
-        return self.pointwise(self.depthwise(x))
 
 
 class XceptionBlock(nn.Module):
@@ -230,20 +158,6 @@ class Xception71(StagedNetwork):
         num_middle_blocks: int = 16,
     ):
         super().__init__()
-        if output_stride not in VALID_OUTPUT_STRIDES:
-            raise ValueError(
-                f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride}"
-            )
-        out_features = list(STAGE_NAMES if out_features is None else out_features)
-        bad = [f for f in out_features if f not in STAGE_NAMES]
-        if not out_features or bad:
-            raise ValueError(
-                f"out_features must be a non-empty subset of {STAGE_NAMES}, got {out_features}"
-            )
-        self.output_stride = output_stride
-        self._out_features: List[str] = [f for f in STAGE_NAMES if f in out_features]
-        last_needed = self._out_features[-1]
-
         self.stem = nn.Sequential(
             Conv2d(
                 in_channels,
@@ -274,31 +188,16 @@ class Xception71(StagedNetwork):
             specs.append((f"middle_flow{i + 1}", self.MIDDLE_CHANNELS, 1, "identity", name))
         specs.extend(self.EXIT_FLOW)
 
-        current_stride, dilation = 2, 1
+        self._start_stages(output_stride, out_features)
         prev = 64
-        self.stage_names: List[str] = []
-        self._stage_outputs: Dict[str, str] = {}  # block name -> feature name
-        self._out_feature_channels: Dict[str, int] = {}
-        self._out_feature_strides: Dict[str, int] = {}
         for name, channels, stride, shortcut, feature in specs:
-            if current_stride >= output_stride:
-                block_stride, block_dilation = 1, dilation
-                dilation *= stride
-            else:
-                block_stride, block_dilation = stride, 1
-                current_stride *= stride
+            block_stride, block_dilation = self._atrous(stride)
             block = XceptionBlock(
                 prev, channels, block_stride, block_dilation, shortcut=shortcut, norm=norm
             )
-            self.add_module(name, block)
-            self.stage_names.append(name)
             prev = block.out_channels
-            if feature is not None:
-                self._stage_outputs[name] = feature
-                self._out_feature_channels[feature] = prev
-                self._out_feature_strides[feature] = current_stride
-                if feature == last_needed:
-                    break
+            if self._add_stage(name, block, feature, prev):
+                break
 
         self.init_conv_weights(nonlinearity="relu")
 
