@@ -1,9 +1,16 @@
 """Thin setup.py: metadata lives in pyproject.toml; this file only declares compiled extensions.
 
-``deeperlab_d2._C`` holds the keypoint Hough-voting op (``deeperlab_d2/layers/csrc``): the CPU
-kernel always, the CUDA kernel too when nvcc is found (``CUDA_HOME``, or ``FORCE_CUDA=1``). A
-GPU is not needed to compile the CUDA kernel: set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") when
-there is none to detect. ``DEEPERLAB_NO_CUDA=1`` builds the CPU kernel only.
+``deeperlab_d2._C`` holds the keypoint Hough-voting ops ``hough_voting`` and ``splat_points``
+(``deeperlab_d2/layers/csrc``): the CPU kernels always, the CUDA kernels too when nvcc is found
+(``CUDA_HOME``, or ``FORCE_CUDA=1``). ``DEEPERLAB_NO_CUDA=1`` builds the CPU kernels only.
+
+GPU architectures: when ``TORCH_CUDA_ARCH_LIST`` is unset, the CUDA kernels are built for
+``"8.0;9.0+PTX"`` (DEFAULT_CUDA_ARCH_LIST), whether or not a GPU is visible: machine code (SASS)
+for sm_80 (A100, and by binary compatibility the other 8.x GPUs: A10, RTX 30xx, L4, L40, ...) and
+sm_90 (H100/H200), plus compute_90 PTX that the driver JIT-compiles on first use for newer
+GPUs (Blackwell sm_100/sm_120, ...), so that a new GPU does not fail with "no kernel image is
+available". Older GPUs (e.g. T4 = 7.5) need their own entry, e.g.
+``TORCH_CUDA_ARCH_LIST="7.5;8.0;9.0+PTX"``. A GPU is not needed to compile.
 
 Build in place (no Detectron2 needed): ``python setup.py build_ext --inplace``.
 """
@@ -15,6 +22,9 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 CSRC = os.path.join("deeperlab_d2", "layers", "csrc")
+#: Used when TORCH_CUDA_ARCH_LIST is unset (see the module docstring); scripts/install.sh
+#: exports the same value.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _env_flag(name):
@@ -47,11 +57,16 @@ def _build_cuda():
 
 
 def get_extensions():
-    sources = [os.path.join(CSRC, "hough_voting.cpp")]
+    sources = [os.path.join(CSRC, name) for name in ("hough_voting.cpp", "splat_points.cpp")]
     define_macros = []
     # -fno-trapping-math lets GCC vectorize the branch-free first pass of the CPU kernel (NaN/inf
     # are still handled exactly: it only drops the assumption that FP exceptions are observed).
-    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math"]}
+    # -ffp-contract=off: no a * b + c is fused into an FMA (GCC does so by default on targets
+    # with FMA instructions, e.g. aarch64 or -march=native), so that the CPU kernels round every
+    # operation as the CUDA kernels (round-to-nearest intrinsics) and the reference do.
+    extra_compile_args = {
+        "cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    }
     extra_link_args = []
     if sys.platform != "win32":
         # at::parallel_for runs OpenMP code inlined from the ATen headers: without -fopenmp it
@@ -60,9 +75,14 @@ def get_extensions():
         extra_link_args.append("-fopenmp")
     if _build_cuda():
         print(f"deeperlab_d2: building the CPU and CUDA kernels (CUDA_HOME={CUDA_HOME})")
-        sources.append(os.path.join(CSRC, "hough_voting_cuda.cu"))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+        print(f"deeperlab_d2: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        sources += [os.path.join(CSRC, n) for n in ("hough_voting_cuda.cu", "splat_points_cuda.cu")]
         define_macros.append(("WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3"]
+        # The kernels use __fmul_rn/__fadd_rn/__fsub_rn (never contracted); --fmad=false keeps
+        # any other float expression from being fused into an FMA as well.
+        extra_compile_args["nvcc"] = ["-O3", "--fmad=false"]
         extension = CUDAExtension
     else:
         print("deeperlab_d2: building the CPU kernel only (no nvcc, or DEEPERLAB_NO_CUDA=1)")
@@ -71,6 +91,7 @@ def get_extensions():
         extension(
             "deeperlab_d2._C",
             sources,
+            depends=[os.path.join(CSRC, "voting_common.h")],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,

@@ -1,18 +1,26 @@
-"""Times the compiled Hough-voting op against the pure-PyTorch reference on the same inputs.
+"""Times the compiled Hough-voting op against the pure-PyTorch reference on the same inputs, and
+the dense op against its sparse entry point ``splat_points``.
 
 Usage::
 
     python benchmarks/bench_hough_voting.py                 # CPU, 1025x2049 and 513x1025
     python benchmarks/bench_hough_voting.py --device cuda
     python benchmarks/bench_hough_voting.py --sizes 257x513 --repeats 20 --threads 1
+    python benchmarks/bench_hough_voting.py --splat-fractions 0.05 0.1 1.0
 
 Inputs look like a real offset field: every pixel of channel k points at the nearest of ~30
 random keypoints of that channel, plus Gaussian noise; weights are uniform in [0, 1]. Prints a
 markdown table (median of several repeats after a warm-up) and the speedups.
+
+Second table: ``splat_points`` fed the pixels whose weight is in the top fraction (10% and 100%
+by default; map-major order, as ``nonzero()`` of a mask gives them) against the dense op on the
+whole field with the other weights zeroed (same output). "select ms" is the caller's cost of
+building the points (threshold mask, nonzero, gathers), not included in "splat ms".
 """
 
 import argparse
 import functools
+import math
 import statistics
 import sys
 import time
@@ -24,6 +32,7 @@ from deeperlab_d2.layers import (
     compiled_op_available,
     hough_voting,
     hough_voting_reference,
+    splat_points,
 )
 
 
@@ -60,6 +69,33 @@ def make_field(n, k, h, w, num_keypoints=30, noise=2.0, seed=0):
     return offsets.view(n, k, 2, h, w), weights
 
 
+def weight_threshold(weights, fraction):
+    """The weight above which about ``fraction`` of the pixels lie (-inf for all of them)."""
+    if fraction >= 1:
+        return -math.inf
+    return torch.quantile(weights.flatten()[:1_000_000].float(), 1 - fraction).item()
+
+
+def select_points(offsets, weights, threshold):
+    """The pixels whose weight is above ``threshold``, as splat_points input (what a caller
+    voting only from the pixels that carry weight does).
+
+    Returns:
+        (points [M, 2], weights [M], map_index [M], keep [N, K, H, W]): positions
+        (y + dy, x + dx), map n * K + k (map-major order), and the mask of the pixels kept.
+    """
+    n, k, _, h, w = offsets.shape
+    keep = weights > threshold
+    index = keep.flatten().nonzero().squeeze(1)  # map-major order
+    plane, pixel = index // (h * w), index % (h * w)
+    at_dy = plane * (2 * h * w) + pixel  # flat index of dy in [N, K, 2, H, W]; dx is h * w on
+    flat = offsets.reshape(-1)
+    # (y + dy, x + dx) rounded to float32 as hough_voting does
+    y = (pixel // w).float() + flat.index_select(0, at_dy)
+    x = (pixel % w).float() + flat.index_select(0, at_dy + h * w)
+    return torch.stack([y, x], dim=1), weights.reshape(-1).index_select(0, index), plane, keep
+
+
 def time_ms(fn, repeats, warmup, device):
     """Median wall time of ``fn()`` in milliseconds."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -92,6 +128,13 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch.get_num_threads())"
     )
+    parser.add_argument(
+        "--splat-fractions",
+        type=float,
+        nargs="*",
+        default=[0.1, 1.0],
+        help="fractions of the pixels fed to splat_points (none: skip the comparison)",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -111,6 +154,7 @@ def main(argv=None):
         f"(op) runs after {args.warmup} warm-up runs\n"
     )
     rows = []
+    splat_rows = []
     for size in args.sizes:
         h, w = parse_size(size)
         offsets, weights = make_field(args.n, args.k, h, w)
@@ -126,6 +170,27 @@ def main(argv=None):
         op_ms = time_ms(run_op, args.repeats, args.warmup, device)
         rows.append((f"{h}x{w}", ref_ms, op_ms, ref_ms / op_ms, diff))
 
+        if args.splat_fractions and compiled_op_available(device, op="splat_points"):
+            for fraction in args.splat_fractions:
+                threshold = weight_threshold(weights, fraction)
+                select = functools.partial(select_points, offsets, weights, threshold)
+                points, pw, maps, keep = select()
+                select_ms = time_ms(select, args.ref_repeats, min(args.warmup, 1), device)
+                masked = torch.where(keep, weights, 0.0)
+                run_dense = functools.partial(
+                    hough_voting, offsets, masked, (h, w), use_compiled=True
+                )
+                run_splat = functools.partial(
+                    splat_points, points, pw, maps, args.n * args.k, (h, w), use_compiled=True
+                )
+                dense = run_dense()
+                diff = (run_splat().view_as(dense) - dense).abs().max() / dense.abs().max()
+                dense_ms = time_ms(run_dense, args.repeats, args.warmup, device)
+                splat_ms = time_ms(run_splat, args.repeats, args.warmup, device)
+                splat_rows.append(
+                    (f"{h}x{w}", fraction, len(pw), dense_ms, splat_ms, select_ms, diff.item())
+                )
+
     print("| size (HxW) | reference ms | op ms | speedup | max diff / max value |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for size, ref_ms, op_ms, speedup, diff in rows:
@@ -133,6 +198,28 @@ def main(argv=None):
     print()
     for size, _, _, speedup, _ in rows:
         print(f"speedup at {size}: {speedup:.1f}x")
+
+    if splat_rows:
+        print(
+            f"\nsplat_points on the top pixels vs the dense op with the other weights zeroed "
+            f"(N={args.n}, K={args.k}, same output)\n"
+        )
+        print(
+            "| size (HxW) | pixels | points M | dense op ms | splat ms | dense/splat | "
+            "select ms | max diff / max value |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for size, fraction, m, dense_ms, splat_ms, select_ms, diff in splat_rows:
+            print(
+                f"| {size} | {fraction:.0%} | {m} | {dense_ms:.2f} | {splat_ms:.2f} | "
+                f"{dense_ms / splat_ms:.2f}x | {select_ms:.1f} | {diff:.2e} |"
+            )
+        print()
+        for size, fraction, _, dense_ms, splat_ms, _, _ in splat_rows:
+            print(
+                f"dense op / splat_points ({fraction:.0%} of the pixels) at {size}: "
+                f"{dense_ms / splat_ms:.2f}x"
+            )
 
 
 if __name__ == "__main__":

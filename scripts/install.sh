@@ -94,7 +94,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] \
   log "deeperlab_d2 up to date"
 else
   log "installing deeperlab_d2 (editable)"
-  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="8.0;9.0"; fi
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"; fi
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   MAX_JOBS="${MAX_JOBS:-2}" "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT"
   echo "$HASH" >"$STAMP"

@@ -7,6 +7,7 @@ built; the CUDA variants skip when no GPU is visible (checked at test time, neve
 import contextlib
 import importlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deeperlab_d2.layers import (
     HAS_COMPILED_OP,
+    ReferenceFallbackWarning,
     compiled_op_available,
     compiled_with_cuda,
     hough_voting,
@@ -76,18 +78,30 @@ def num_threads(n):
         torch.set_num_threads(old)
 
 
-def assert_votes_close(out, ref, offsets, weights, out_size, scale=1.0):
-    """``out == ref`` up to float32 summation-order error.
+def summation_tolerance(offsets, weights, out_size, scale=1.0):
+    """Per-cell bound on the float32 summation-order error of the vote maps.
 
     Cell c is the sum of its n_c taps in some order; two orders differ by about
-    eps * sum|tap| * sqrt(n_c) / 4 (random rounding). The bound used is 8 eps * sum|tap| *
+    eps * sum|tap| * sqrt(n_c) / 4 (random rounding). The bound is 8 eps * sum|tap| *
     sqrt(n_c + 1), so a cell that receives nothing must be exactly 0 in both.
     """
-    assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
     valid = torch.isfinite(weights) & (weights != 0)
     mass = hough_voting_reference(offsets, torch.where(valid, weights.abs(), 0.0), out_size, scale)
     count = hough_voting_reference(offsets, valid.float(), out_size, scale)
-    tol = 8 * torch.finfo(torch.float32).eps * mass * (count + 1).sqrt()
+    return 8 * torch.finfo(torch.float32).eps * mass * (count + 1).sqrt()
+
+
+def atomic_tolerances(tol):
+    """(rtol, atol) for torch.testing.assert_close / opcheck that cover two runs of a kernel
+    summing with float32 atomics (any order): atol = the largest per-cell bound of
+    :func:`summation_tolerance` (twice, as both runs may err), rtol = float32's default (opcheck
+    only honours the pair when both are non-zero)."""
+    return 1.3e-6, max(2 * tol.max().item(), 1e-30)
+
+
+def assert_close_to_within(out, ref, tol):
+    """``|out - ref| <= tol`` cell by cell."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
     excess = (out - ref).abs() - tol
     worst = int(excess.argmax())
     assert excess.max().item() <= 0, (
@@ -95,6 +109,11 @@ def assert_votes_close(out, ref, offsets, weights, out_size, scale=1.0):
         f"index {worst}: out={out.flatten()[worst].item()}, ref={ref.flatten()[worst].item()}, "
         f"tol={tol.flatten()[worst].item()}"
     )
+
+
+def assert_votes_close(out, ref, offsets, weights, out_size, scale=1.0):
+    """``out == ref`` up to float32 summation-order error (see :func:`summation_tolerance`)."""
+    assert_close_to_within(out, ref, summation_tolerance(offsets, weights, out_size, scale))
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,6 +343,165 @@ def test_cpu_thread_splits_match_reference_and_are_deterministic(nk):
 
 
 # ------------------------------------------------------------------------------------------
+# bit-equal taps (no fused multiply-add anywhere), non-power-of-two scales
+# ------------------------------------------------------------------------------------------
+SCALES = [1 / 3, 0.3, 0.37, 1.7, 0.25]
+
+
+def single_tap_inputs(planes, h, w, out_size, scale, seed, device="cpu"):
+    """[planes, 1, h, w] inputs with one voting pixel per plane, at a position spread over (and
+    a little beyond) the output grid: every output cell gets at most one tap, so every
+    implementation must give the same bits (no summation order to differ in)."""
+    gen = torch.Generator().manual_seed(seed)
+    oh, ow = out_size
+    # target positions in output cells, including the border band (-1, 0) and (size - 1, size)
+    target = torch.rand(planes, 2, 1, 1, generator=gen) * torch.tensor([oh + 1.0, ow + 1.0]).view(
+        1, 2, 1, 1
+    ) - torch.tensor([1.0, 1.0]).view(1, 2, 1, 1)
+    ys = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
+    xs = torch.arange(w, dtype=torch.float32).view(1, w).expand(h, w)
+    offsets = target / scale - torch.stack([ys, xs])  # [planes, 2, h, w]
+    offsets = offsets + torch.randn(planes, 2, h, w, generator=gen) * 0.3
+    pick = torch.randint(h * w, (planes,), generator=gen)
+    weights = torch.zeros(planes, h * w)
+    value = (torch.rand(planes, generator=gen) * 1.9 + 0.1) * torch.where(
+        torch.rand(planes, generator=gen) < 0.2, -1.0, 1.0
+    )
+    weights[torch.arange(planes), pick] = value
+    return (
+        offsets.view(planes, 1, 2, h, w).to(device),
+        weights.view(planes, 1, h, w).to(device),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", SCALES, ids=lambda s: f"s{s:.3g}")
+def test_single_taps_are_bit_equal(impl, device, scale):
+    out_size = (19, 23)
+    offsets, weights = single_tap_inputs(512, 5, 6, out_size, scale, seed=21, device=device)
+    out = run_impl(impl, offsets, weights, out_size, scale)
+    ref_cpu = hough_voting_reference(offsets.cpu(), weights.cpu(), out_size, scale)
+    assert torch.count_nonzero(ref_cpu) > 512  # most votes cast several taps
+    assert torch.equal(out.cpu(), ref_cpu)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA on real hardware: sizes, index paths and scales the CPU tests cannot reach
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def cuda_kernel():
+    """Skips unless a GPU is visible and the extension has the CUDA kernel."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    if not compiled_op_available("cuda"):
+        pytest.skip(f"compiled op not built for cuda: {NOT_BUILT} with nvcc")
+
+
+@contextlib.contextmanager
+def force_int64_indexing():
+    """Makes the CUDA kernels take their 64-bit index path (a test hook of deeperlab_d2._C)."""
+    ext = importlib.import_module("deeperlab_d2._C")
+    old = ext._set_force_int64_indexing(True)
+    try:
+        yield
+    finally:
+        ext._set_force_int64_indexing(old)
+
+
+def require_free_gpu_memory(gib):
+    free, _ = torch.cuda.mem_get_info()
+    if free < gib * 2**30:
+        pytest.skip(f"needs {gib} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+
+
+@needs_op
+def test_force_int64_indexing_hook_round_trips():
+    # Runs without a GPU: the hook exists in every build and only steers the CUDA kernels.
+    ext = importlib.import_module("deeperlab_d2._C")
+    with force_int64_indexing():
+        assert ext._set_force_int64_indexing(True) is True
+    assert ext._set_force_int64_indexing(False) is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index_path", ["auto", "int64"])
+def test_cuda_kernel_matches_cpu_kernel_production_size(cuda_kernel, index_path):
+    # 1 x 17 x 1100 x 1100 (COCO keypoints at full resolution): 20.6M votes, more threads than
+    # the 65536 x 256 of one launch (grid-stride loop); "int64" forces the 64-bit index path.
+    if not compiled_op_available("cpu"):
+        pytest.skip("compiled op not built for cpu")
+    n, k, h, w, out_size, scale = 1, 17, 1100, 1100, (1100, 1100), 1.0
+    offsets, weights = random_inputs(n, k, h, w, out_size, seed=5)
+    cpu = torch.ops.deeperlab_d2.hough_voting(offsets, weights, *out_size, scale)
+    off_d, w_d = offsets.cuda(), weights.cuda()
+    context = force_int64_indexing() if index_path == "int64" else contextlib.nullcontext()
+    with context:
+        out = torch.ops.deeperlab_d2.hough_voting(off_d, w_d, *out_size, scale)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    tol = summation_tolerance(off_d, w_d, out_size, scale)  # on the GPU: fast
+    assert_close_to_within(out, cpu.cuda(), 2 * tol)
+
+
+@pytest.mark.slow
+def test_cuda_kernel_64bit_indices_on_an_output_over_2g_cells(cuda_kernel):
+    # 46341^2 > 2^31 cells: offsets into the output no longer fit in 32 bits (8.6 GB).
+    require_free_gpu_memory(10)
+    side = 46341
+    last = side - 1
+    votes = [
+        (0, 0, 0, 0, last - 0.5, last - 0.75, 1.0),  # (last - .5, last - .75): 4 taps
+        (0, 0, 0, 1, last + 0.0, last - 1.0, 2.0),  # (last, last): one cell
+        (0, 0, 1, 1, last - 0.5, last + 0.5, 4.0),  # (last - .5, last + 1.5): outside
+        (0, 0, 1, 0, 0.25, 0.0, 8.0),  # (1.25, 0): 2 taps at the start
+    ]
+    offsets, weights = make_votes((1, 1, 2, 2), votes, "cuda")
+    out = torch.ops.deeperlab_d2.hough_voting(offsets, weights, side, side, 1.0)
+    assert out.shape == (1, 1, side, side)
+    corner = torch.zeros(3, 3)  # rows and columns last - 2, last - 1, last
+    corner[1, 1] = 0.5 * 0.75
+    corner[1, 2] = 0.5 * 0.25
+    corner[2, 1] = 0.5 * 0.75
+    corner[2, 2] = 0.5 * 0.25 + 2.0
+    torch.testing.assert_close(out[0, 0, -3:, -3:].cpu(), corner, rtol=0, atol=0)
+    torch.testing.assert_close(
+        out[0, 0, :3, :2].cpu(), torch.tensor([[0.0, 0.0], [6.0, 0.0], [2.0, 0.0]]), rtol=0, atol=0
+    )
+    assert out.sum().item() == 1.0 + 2.0 + 8.0
+    assert torch.count_nonzero(out).item() == 6
+
+
+@pytest.mark.parametrize("scale", [1 / 3, 0.3, 0.37, 1.7])
+@pytest.mark.parametrize("case", [CASES[2], CASES[7], CASES[9], CASES[10]], ids=str)
+def test_cuda_kernel_matches_cpu_kernel_any_scale(cuda_kernel, case, scale):
+    if not compiled_op_available("cpu"):
+        pytest.skip("compiled op not built for cpu")
+    n, k, h, w, _, _ = case
+    out_size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    offsets, weights = random_inputs(n, k, h, w, out_size, seed=h + w)
+    cpu = torch.ops.deeperlab_d2.hough_voting(offsets, weights, *out_size, scale)
+    for index_path in ("auto", "int64"):
+        context = force_int64_indexing() if index_path == "int64" else contextlib.nullcontext()
+        with context:
+            out = torch.ops.deeperlab_d2.hough_voting(
+                offsets.cuda(), weights.cuda(), *out_size, scale
+            )
+        assert_votes_close(out.cpu(), cpu, offsets, weights, out_size, scale)
+
+
+@pytest.mark.parametrize("scale", SCALES, ids=lambda s: f"s{s:.3g}")
+def test_cuda_kernel_single_taps_equal_cpu_kernel_bits(cuda_kernel, scale):
+    # An FMA in either kernel ((y + dy) * scale - floor(...)) changes the last bits of a tap.
+    if not compiled_op_available("cpu"):
+        pytest.skip("compiled op not built for cpu")
+    out_size = (37, 41)
+    offsets, weights = single_tap_inputs(4096, 6, 7, out_size, scale, seed=3)
+    cpu = torch.ops.deeperlab_d2.hough_voting(offsets, weights, *out_size, scale)
+    out = torch.ops.deeperlab_d2.hough_voting(offsets.cuda(), weights.cuda(), *out_size, scale)
+    assert torch.equal(out.cpu(), cpu)
+
+
+# ------------------------------------------------------------------------------------------
 # op registration: opcheck, torch.compile, meta tensors
 # ------------------------------------------------------------------------------------------
 @needs_op
@@ -332,10 +510,16 @@ def test_opcheck(device):
     if not compiled_op_available(device):
         pytest.skip(f"compiled op not built for {device}")
     op = torch.ops.deeperlab_d2.hough_voting.default
-    for n, k, h, w, out_size, scale in [CASES[2], CASES[4], CASES[5]]:
+    for n, k, h, w, out_size, scale in [CASES[2], CASES[4], CASES[5], CASES[8]]:
         offsets, weights = random_inputs(n, k, h, w, out_size, seed=1, device=device)
+        tolerances = {}
+        if device == "cuda":
+            # opcheck runs the op more than once and compares the results: the CUDA kernel sums
+            # with atomics in a different order each launch.
+            rtol, atol = atomic_tolerances(summation_tolerance(offsets, weights, out_size, scale))
+            tolerances = {"rtol": rtol, "atol": atol}
         # Default test_utils: schema, autograd registration, fake tensor, AOT dispatch.
-        torch.library.opcheck(op, (offsets, weights, *out_size, scale))
+        torch.library.opcheck(op, (offsets, weights, *out_size, scale), **tolerances)
 
 
 def test_meta_tensors_give_shapes():
@@ -359,15 +543,20 @@ def test_torch_compile_fullgraph(device):
         raw = torch.ops.deeperlab_d2.hough_voting(offsets, weights * 2, 17, 33, 0.5)
         return short * 3.0 + raw
 
+    def tol(offsets, weights):
+        # fn sums 5x the votes of `weights`; both the eager and the compiled run may err (CUDA
+        # atomics; the CPU kernel is deterministic, and so exact here).
+        return 2 * 5 * summation_tolerance(offsets, weights, (17, 33), 0.5)
+
     offsets, weights = random_inputs(2, 3, 34, 66, (17, 33), seed=11, device=device)
     expected = fn(offsets, weights)
     compiled = torch.compile(fn, fullgraph=True)
     out = compiled(offsets, weights)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_close_to_within(out, expected, tol(offsets, weights))
     # a second call with other values reuses the graph
     offsets2, weights2 = random_inputs(2, 3, 34, 66, (17, 33), seed=12, device=device)
-    torch.testing.assert_close(
-        compiled(offsets2, weights2), fn(offsets2, weights2), rtol=1e-5, atol=1e-5
+    assert_close_to_within(
+        compiled(offsets2, weights2), fn(offsets2, weights2), tol(offsets2, weights2)
     )
 
 
@@ -404,14 +593,72 @@ def test_dispatch_use_compiled_false_uses_reference():
     torch.testing.assert_close(out, hough_voting_reference(offsets, weights, (8, 9)))
 
 
-def test_use_compiled_true_without_kernel_raises(monkeypatch):
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Simulates an extension without any kernel (as a CUDA tensor with a CPU-only build sees
+    it), with the once-per-device-type warning memory reset."""
     monkeypatch.setattr(hv_module, "_KERNEL_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(hv_module, "_SPLAT_KERNEL_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(hv_module, "_WARNED_FALLBACKS", set())
+
+
+def test_use_compiled_true_without_kernel_raises(no_kernels):
     offsets, weights = random_inputs(1, 1, 4, 4, (4, 4), seed=0)
     with pytest.raises(RuntimeError, match="use_compiled=True.*not available for device cpu"):
         hough_voting(offsets, weights, (4, 4), use_compiled=True)
     # the default falls back to the reference
-    out = hough_voting(offsets, weights, (4, 4))
+    with pytest.warns(ReferenceFallbackWarning):
+        out = hough_voting(offsets, weights, (4, 4))
     torch.testing.assert_close(out, hough_voting_reference(offsets, weights, (4, 4)))
+
+
+def test_fallback_to_reference_warns_once_per_device_type(no_kernels):
+    offsets, weights = random_inputs(1, 2, 6, 7, (6, 7), seed=0)
+    with pytest.warns(ReferenceFallbackWarning) as record:
+        out = hough_voting(offsets, weights, (6, 7))
+        hough_voting(offsets, weights, (6, 7))
+        hough_voting(offsets, weights, (3, 4), 0.5)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "hough_voting on cpu tensors runs the pure-PyTorch reference" in message
+    assert "16-27x slower" in message and "once per op and device type" in message
+    assert record[0].filename == __file__  # points at the caller
+    torch.testing.assert_close(out, hough_voting_reference(offsets, weights, (6, 7)))
+
+    # Another device type warns again, once; the message says why (simulated: no CUDA tensor
+    # is created, the dispatch decision is taken for a CUDA device).
+    with pytest.warns(ReferenceFallbackWarning) as record:
+        assert not hv_module._use_compiled("hough_voting", torch.device("cuda:1"), None)
+        assert not hv_module._use_compiled("hough_voting", torch.device("cuda:0"), None)
+    assert len(record) == 1
+    assert "hough_voting on cuda tensors" in str(record[0].message)
+    if HAS_COMPILED_OP:
+        assert "deeperlab_d2._C has no cuda kernel" in str(record[0].message)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hough_voting(offsets, weights, (6, 7))  # already warned for cpu
+        hough_voting(offsets, weights, (6, 7), use_compiled=False)  # asked for: no warning
+
+
+def test_no_fallback_warning_for_meta_or_explicit_reference(no_kernels):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        offsets = torch.empty(1, 2, 2, 5, 6, device="meta")
+        weights = torch.empty(1, 2, 5, 6, device="meta")
+        assert hough_voting(offsets, weights, (5, 6)).shape == (1, 2, 5, 6)
+        offsets, weights = random_inputs(1, 2, 5, 6, (5, 6), seed=0)
+        hough_voting(offsets, weights, (5, 6), use_compiled=False)
+    assert not hv_module._WARNED_FALLBACKS
+
+
+@needs_op
+def test_no_fallback_warning_when_the_kernel_runs(monkeypatch):
+    monkeypatch.setattr(hv_module, "_WARNED_FALLBACKS", set())
+    offsets, weights = random_inputs(1, 2, 5, 6, (5, 6), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hough_voting(offsets, weights, (5, 6))
 
 
 def test_cuda_kernel_availability_is_consistent():

@@ -1,11 +1,12 @@
-// Keypoint Hough voting (DeeperLab): operator schema, CPU kernel and the Python module init of
-// deeperlab_d2._C.
+// Keypoint Hough voting (DeeperLab): operator schemas (hough_voting and splat_points), the CPU
+// kernel of hough_voting and the Python module init of deeperlab_d2._C.
 //
 // Source pixel (y, x) of plane (n, k) casts weights[n, k, y, x] at the output position
 //   ((y + dy) * scale, (x + dx) * scale),  (dy, dx) = offsets[n, k, :, y, x],
 // where integer output coordinates are cell centres. The vote is splatted bilinearly onto the
 // four neighbouring cells; taps outside the output grid are dropped one by one, and votes whose
-// offset or weight is not finite (or whose weight is zero) cast nothing.
+// offset or weight is not finite (or whose weight is zero) cast nothing. The float arithmetic of
+// one vote is spelled out in voting_common.h (shared with the CUDA kernels and splat_points).
 //
 // The CPU kernel is deterministic: every output cell is written by one thread at a time in a
 // fixed order, and partial buffers (when the rows of a plane are split across threads) are
@@ -17,14 +18,25 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "voting_common.h"
+
 namespace deeperlab_d2 {
 
-// Shared by the CPU and the CUDA kernels (declared again in hough_voting_cuda.cu).
+namespace {
+std::atomic<bool> g_force_int64_indexing{false};
+}  // namespace
+
+bool force_int64_indexing() {
+  return g_force_int64_indexing.load(std::memory_order_relaxed);
+}
+
+// Declared in voting_common.h: shared by the CPU and the CUDA kernels.
 void check_hough_voting_args(
     const at::Tensor& offsets,
     const at::Tensor& weights,
@@ -102,7 +114,8 @@ constexpr int64_t kBlock = 256;
 // Two passes per block of a row: the first, branch-free, computes the four tap weights and the
 // top-left tap of every vote (GCC vectorizes it given -fno-trapping-math); the second scatters
 // them. Both do the same float operations in the same order as the reference implementation
-// (tap weight = (wy * wx) * weight), so that a single vote gives bit-identical results.
+// (tap weight = (wy * wx) * weight) as bilinear_taps() in voting_common.h, so that a single
+// vote gives bit-identical results on every implementation.
 void vote_rows(
     const float* __restrict__ dy,
     const float* __restrict__ dx,
@@ -358,6 +371,10 @@ TORCH_LIBRARY(deeperlab_d2, m) {
   m.def(
       "hough_voting(Tensor offsets, Tensor weights, int out_h, int out_w, float scale) -> "
       "Tensor");
+  // Kernels in splat_points.cpp and splat_points_cuda.cu.
+  m.def(
+      "splat_points(Tensor points, Tensor weights, Tensor map_index, int num_maps, int out_h, "
+      "int out_w, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deeperlab_d2, CPU, m) {
@@ -380,4 +397,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "CUDART_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 without CUDA.");
+  m.def(
+      "_set_force_int64_indexing",
+      [](bool enable) -> bool {
+        return deeperlab_d2::g_force_int64_indexing.exchange(enable);
+      },
+      pybind11::arg("enable"),
+      "Test hook: makes the CUDA kernels use 64-bit indices even where 32-bit ones fit. "
+      "Returns the previous setting.");
 }

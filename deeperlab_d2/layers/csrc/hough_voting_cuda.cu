@@ -1,6 +1,8 @@
 // Keypoint Hough voting (DeeperLab): CUDA kernel. Same semantics as the CPU kernel in
-// hough_voting.cpp: one thread per source pixel, the four bilinear taps are added with
-// atomicAdd (so the summation order, and the last bits of the result, may vary run to run).
+// hough_voting.cpp: one thread per source pixel (grid-stride loop), the four bilinear taps are
+// added with atomicAdd (so the summation order, and the last bits of the result, may vary run
+// to run). The taps themselves are computed with round-to-nearest intrinsics that nvcc never
+// contracts into FMAs (voting_common.h): bit-equal to the CPU kernel's.
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE
 // headers that a bare CUDA toolkit may lack).
@@ -16,15 +18,9 @@
 #include <cstdint>
 #include <limits>
 
-namespace deeperlab_d2 {
+#include "voting_common.h"
 
-// Defined in hough_voting.cpp.
-void check_hough_voting_args(
-    const at::Tensor& offsets,
-    const at::Tensor& weights,
-    int64_t out_h,
-    int64_t out_w,
-    double scale);
+namespace deeperlab_d2 {
 
 int64_t hough_voting_cuda_runtime_version() {
   return CUDART_VERSION;
@@ -53,7 +49,7 @@ __global__ void hough_voting_kernel(
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += stride) {
     const float weight = weights[i];
-    if (weight == 0.f || !isfinite(weight)) {
+    if (weight == 0.f || !is_finite(weight)) {
       continue;
     }
     const index_t plane = i / in_plane;
@@ -61,39 +57,34 @@ __global__ void hough_voting_kernel(
     const index_t y = r / width;
     const index_t x = r - y * width;
     const float* dy = offsets + plane * 2 * in_plane + r;
-    const float py = (static_cast<float>(y) + dy[0]) * scale;
-    const float px = (static_cast<float>(x) + dy[in_plane]) * scale;
-    // Also rejects NaN and +-inf positions (non-finite offsets).
-    if (!(py > -1.f && py < lim_y && px > -1.f && px < lim_x)) {
+    // (y + dy) * scale: the sum is rounded before the product (no FMA), as on the CPU.
+    const float py = mul_rn(add_rn(static_cast<float>(y), dy[0]), scale);
+    const float px = mul_rn(add_rn(static_cast<float>(x), dy[in_plane]), scale);
+    if (!vote_casts(py, px, weight, lim_y, lim_x)) {
       continue;
     }
-    const float fy0 = floorf(py);
-    const float fx0 = floorf(px);
-    const index_t y0 = static_cast<index_t>(fy0);
-    const index_t x0 = static_cast<index_t>(fx0);
-    const float ay = py - fy0;
-    const float ax = px - fx0;
-    const float by = 1.f - ay;
-    const float bx = 1.f - ax;
+    const BilinearTaps t = bilinear_taps(py, px, weight);
+    const index_t y0 = static_cast<index_t>(t.y0);
+    const index_t x0 = static_cast<index_t>(t.x0);
     const bool has_x0 = x0 >= 0;
     const bool has_x1 = x0 + 1 < out_w;
     float* dst = out + plane * out_h * out_w;
     if (y0 >= 0) {
       float* row = dst + y0 * out_w;
       if (has_x0) {
-        atomicAdd(row + x0, by * bx * weight);
+        atomicAdd(row + x0, t.w00);
       }
       if (has_x1) {
-        atomicAdd(row + x0 + 1, by * ax * weight);
+        atomicAdd(row + x0 + 1, t.w01);
       }
     }
     if (y0 + 1 < out_h) {
       float* row = dst + (y0 + 1) * out_w;
       if (has_x0) {
-        atomicAdd(row + x0, ay * bx * weight);
+        atomicAdd(row + x0, t.w10);
       }
       if (has_x1) {
-        atomicAdd(row + x0 + 1, ay * ax * weight);
+        atomicAdd(row + x0 + 1, t.w11);
       }
     }
   }
@@ -153,9 +144,10 @@ at::Tensor hough_voting_cuda(
   if (total == 0 || out.numel() == 0) {
     return out;
   }
-  // 32-bit indexing when every index, and the grid-stride step past the end, fits.
+  // 32-bit indexing when every index, and the grid-stride step past the end, fits (unless a
+  // test forces the 64-bit path: deeperlab_d2._C._set_force_int64_indexing).
   const int64_t largest = std::max(offsets.numel(), out.numel()) + total;
-  if (largest < std::numeric_limits<int32_t>::max()) {
+  if (largest < std::numeric_limits<int32_t>::max() && !force_int64_indexing()) {
     launch<int32_t>(
         offsets, weights, out, total, width, in_plane, out_h, out_w, static_cast<float>(scale));
   } else {

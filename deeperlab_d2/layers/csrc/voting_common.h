@@ -1,0 +1,130 @@
+// Shared by the Hough-voting and point-splatting kernels (CPU: hough_voting.cpp,
+// splat_points.cpp; CUDA: hough_voting_cuda.cu, splat_points_cuda.cu).
+//
+// The tap arithmetic of one vote, in float32 with every operation rounded to nearest on its own:
+//   py = p_y * scale, px = p_x * scale   (p = (y + dy, x + dx) for hough_voting, the given point
+//                                         for splat_points; y + dy is rounded before the product)
+//   y0 = floor(py), ay = py - y0, by = 1 - ay (same for x)
+//   taps (y0, x0) += (by * bx) * w, (y0, x0 + 1) += (by * ax) * w,
+//        (y0 + 1, x0) += (ay * bx) * w, (y0 + 1, x0 + 1) += (ay * ax) * w.
+// No operation may be contracted into a fused multiply-add (nvcc does that by default, GCC on
+// FMA targets with -ffp-contract=fast): on the device the products, sums and differences use the
+// round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fsub_rn), which nvcc never fuses, and the
+// C++ sources are compiled with -ffp-contract=off (setup.py). CPU and GPU then compute bit-equal
+// taps; only the summation order of the taps that land on one cell differs (atomicAdd on GPU).
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DEEPERLAB_HD __host__ __device__ __forceinline__
+#else
+#define DEEPERLAB_HD inline
+#endif
+
+namespace deeperlab_d2 {
+
+// Argument checks shared by the CPU and CUDA kernels (defined in hough_voting.cpp and
+// splat_points.cpp). They raise RuntimeError (TORCH_CHECK) with the op's name.
+void check_hough_voting_args(
+    const at::Tensor& offsets,
+    const at::Tensor& weights,
+    int64_t out_h,
+    int64_t out_w,
+    double scale);
+
+void check_splat_points_args(
+    const at::Tensor& points,
+    const at::Tensor& weights,
+    const at::Tensor& map_index,
+    int64_t num_maps,
+    int64_t out_h,
+    int64_t out_w,
+    double scale);
+
+// Test hook (deeperlab_d2._C._set_force_int64_indexing): when set, the CUDA kernels use 64-bit
+// indices even where 32-bit ones fit, so that tests can run the 64-bit path on inputs of a
+// manageable size. Defined in hough_voting.cpp.
+bool force_int64_indexing();
+
+DEEPERLAB_HD bool is_finite(float v) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
+DEEPERLAB_HD float floor_f(float v) {
+#if defined(__CUDA_ARCH__)
+  return floorf(v);
+#else
+  return std::floor(v);
+#endif
+}
+
+// Round-to-nearest float32 arithmetic that is never contracted into an FMA.
+DEEPERLAB_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;  // -ffp-contract=off
+#endif
+}
+
+DEEPERLAB_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+DEEPERLAB_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// The four bilinear taps of one vote at output position (py, px) (already scaled).
+struct BilinearTaps {
+  int64_t y0;  // top-left tap; the others are (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
+  int64_t x0;
+  float w00;
+  float w01;
+  float w10;
+  float w11;
+};
+
+// Whether a vote of `weight` at (py, px) casts anything into an out_h x out_w grid (lim_y =
+// out_h, lim_x = out_w as floats): its weight is finite and non-zero and some tap is inside the
+// grid, i.e. py, px in (-1, size). NaN and +-inf positions fail the comparisons too.
+DEEPERLAB_HD bool vote_casts(float py, float px, float weight, float lim_y, float lim_x) {
+  return weight != 0.f && is_finite(weight) && py > -1.f && py < lim_y && px > -1.f && px < lim_x;
+}
+
+// Taps of a vote for which vote_casts() holds (py, px in (-1, size) keep y0, x0 >= -1).
+DEEPERLAB_HD BilinearTaps bilinear_taps(float py, float px, float weight) {
+  const float fy0 = floor_f(py);
+  const float fx0 = floor_f(px);
+  const float ay = sub_rn(py, fy0);
+  const float ax = sub_rn(px, fx0);
+  const float by = sub_rn(1.f, ay);
+  const float bx = sub_rn(1.f, ax);
+  BilinearTaps t;
+  t.y0 = static_cast<int64_t>(fy0);
+  t.x0 = static_cast<int64_t>(fx0);
+  t.w00 = mul_rn(mul_rn(by, bx), weight);
+  t.w01 = mul_rn(mul_rn(by, ax), weight);
+  t.w10 = mul_rn(mul_rn(ay, bx), weight);
+  t.w11 = mul_rn(mul_rn(ay, ax), weight);
+  return t;
+}
+
+}  // namespace deeperlab_d2
