@@ -109,17 +109,23 @@ def add_deeperlab_config(cfg):
     _C.MODEL.DEEPERLAB.POST_PROCESS.LONG_VOTE_WEIGHT = 1.0
     # Pixels whose keypoint probability is below this cast no short-range vote (in [0, 1]).
     _C.MODEL.DEEPERLAB.POST_PROCESS.MIN_VOTE_PROB = 0.01
-    # Local maxima: max-pool window and minimum fused-map value (a vote density, not a
-    # probability: it may exceed 1); at most MAX_KEYPOINTS per type.
+    # Local maxima: window and minimum fused-map value (a vote density, not a probability: it
+    # may exceed 1; 0.002 = 4 votes at R = 25, what a 2 px object packed among others collects);
+    # at most MAX_KEYPOINTS per type. A higher cell of the window suppresses a maximum only
+    # when a ridge of votes joins them (keypoints of instances 2 px apart are both kept).
     _C.MODEL.DEEPERLAB.POST_PROCESS.PEAK_KERNEL = 5
-    _C.MODEL.DEEPERLAB.POST_PROCESS.PEAK_THRESHOLD = 0.01
+    _C.MODEL.DEEPERLAB.POST_PROCESS.PEAK_THRESHOLD = 0.002
     _C.MODEL.DEEPERLAB.POST_PROCESS.MAX_KEYPOINTS = 200
-    # Expected-OKS rescoring: Gaussian width (px) and minimum keypoint score (in [0, 1]).
+    # Keypoint scores: OKS Gaussian width (px) and the minimum a candidate needs (in [0, 1]),
+    # as its support score (probability x OKS of the short-range votes of its cell) or as its
+    # fused (short + long) expected-OKS vote mass.
     _C.MODEL.DEEPERLAB.POST_PROCESS.OKS_SIGMA = 3.0
     _C.MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_THRESHOLD = 0.1
-    # A keypoint this close (px) to the same-type keypoint of a detected instance is rejected.
+    # Largest radius (px) of the keypoint NMS: a candidate this close to the same-type keypoint
+    # of a detected instance is rejected; the radius shrinks with small instances (a quarter of
+    # the distance between their own keypoints, at least 1 px).
     _C.MODEL.DEEPERLAB.POST_PROCESS.KEYPOINT_NMS_RADIUS = 10.0
-    # Minimum instance score (in [0, 1]).
+    # Minimum instance score (mean support score of its keypoints, in [0, 1]).
     _C.MODEL.DEEPERLAB.POST_PROCESS.INSTANCE_SCORE_THRESHOLD = 0.1
     _C.MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD = 0.7
     _C.MODEL.DEEPERLAB.POST_PROCESS.MAX_INSTANCES = 200

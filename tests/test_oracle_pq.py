@@ -86,11 +86,11 @@ def test_center_oracle_on_synthetic_val(val_name):
         # one center of mass for two instances: one center, one instance (the oracle builds
         # the branch without its own decoder, which does not change the inference)
         ("center", ["MODEL.DEEPERLAB.CENTER.DUAL_DECODER", True], 2),
-        # the star graph reaches the corners through the center, whose middle-range offsets
-        # point to one instance's corners: a proposal started from the disc's corner gets
-        # the ring's box, and box NMS (IoU 1) removes it, whatever its threshold below 1
-        ("keypoints", ["MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD", 0.7], 2),
-        # without box NMS that hybrid proposal is nearest to the disc's pixels: disc found
+        # the center's middle-range offsets point to one instance's corners; a corner whose
+        # walk through the shared center does not come back takes the keypoints its own
+        # pixels predict (long range): the disc's corner proposes the disc, whose box is not
+        # the ring's (IoU 0.37 < 0.7): both found
+        ("keypoints", ["MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD", 0.7], 3),
         ("keypoints", ["MODEL.DEEPERLAB.POST_PROCESS.BOX_NMS_THRESHOLD", 1.0], 3),
     ],
     ids=["center", "keypoints-box-nms-0.7", "keypoints-no-box-nms"],

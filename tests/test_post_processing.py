@@ -85,19 +85,32 @@ def test_score_map_peak_and_expected_oks():
     outs, t = ideal(pan, segs)
     sem, heat, short, mid, long = outs
     thing = sem.argmax(1) == THING
-    maps = hough_score_maps(heat.sigmoid(), short, long, thing, CFG)
+    maps, short_maps = hough_score_maps(heat.sigmoid(), short, long, thing, CFG)
     # top-left corner (10, 10): short votes of its full disk (~1 after normalization) plus the
-    # 200 long-range votes of the instance's pixels
+    # 200 long-range votes of the instance's pixels; the short-range map alone: the disk
     disk = int(t["heatmap"][0].sum())
-    expected = (disk * torch.sigmoid(torch.tensor(10.0)) + 200) / (math.pi * R * R)
+    p = torch.sigmoid(torch.tensor(10.0))
+    expected = (disk * p + 200) / (math.pi * R * R)
     torch.testing.assert_close(maps[0, 0, 10, 10], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        short_maps[0, 0, 10, 10], disk * p / (math.pi * R * R), rtol=1e-4, atol=1e-4
+    )
     assert maps[0, 0, 10, 10] == maps[0, 0].max()
-    (cands,) = find_keypoints(maps, CFG)
+    (cands,) = find_keypoints(maps, CFG, short_maps)
     assert sorted(cands["type"].tolist()) == [0, 1, 2, 3, 4]
     pos = {int(k): (float(y), float(x)) for k, y, x in zip(cands["type"], cands["y"], cands["x"])}
     assert pos[0] == (10.0, 10.0) and pos[3] == (19.0, 29.0)
     assert pos[CENTER] == pytest.approx((14.5, 19.5), abs=1e-4)  # sub-pixel center
-    assert torch.all(cands["score"] == 1.0)  # clipped expected OKS
+    # support scores: the heatmap probability, whatever the instance's area (no clipping);
+    # corners collect their whole disk at one cell, the center (14.5, 19.5) over the 4 cells
+    # 0.7 px around it, which the OKS kernel weighs exp(-0.5 / (2 sigma^2))
+    corners = cands["score"][cands["type"] < CENTER]
+    torch.testing.assert_close(corners, p.expand(4), atol=1e-4, rtol=0)
+    center = cands["score"][cands["type"] == CENTER]
+    kernel = math.exp(-0.5 / (2 * CFG.oks_sigma**2))
+    torch.testing.assert_close(center, (p * kernel).expand(1), atol=1e-4, rtol=0)
+    # the queue's order: the fused (short + long) expected-OKS mass, which grows with the area
+    assert torch.all(cands["mass"] > 1.0) and torch.all(cands["mass"][:-1] >= cands["mass"][1:])
     # the expected-OKS score of a single unit vote decays as a Gaussian of the distance
     one = torch.zeros(9, 9)
     one[4, 4] = 1.0
@@ -249,3 +262,81 @@ def test_window_max_equals_max_pool(kernel):
     assert torch.equal(
         window_max(tiny, kernel), torch.nn.functional.max_pool2d(tiny, kernel, 1, kernel // 2)
     )
+
+
+def test_cell_areas_equal_brute_force():
+    from deeperlab_d2.layers.post_processing import cell_areas
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        H, W = (int(v) for v in torch.randint(5, 50, (2,), generator=gen))
+        G = int(torch.randint(1, 40, (), generator=gen))
+        c = torch.rand(G, 2, generator=gen, dtype=torch.float64) * torch.tensor([H + 8.0, W + 8.0])
+        c -= 4
+        if trial % 2:  # integer positions: pixels on bisectors (shared) and on disk edges
+            c = torch.round(c)
+        keep = [i for i in range(G) if all((c[i] - c[j]).norm() >= 0.5 for j in range(i))]
+        c = c[keep]
+        radius = float(torch.rand((), generator=gen)) * 15 + 1
+        yy, xx = torch.meshgrid(
+            torch.arange(H, dtype=torch.float64),
+            torch.arange(W, dtype=torch.float64),
+            indexing="ij",
+        )
+        d2 = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2
+        own = (d2 <= radius * radius) & (d2 <= d2.amin(0, keepdim=True) + 1e-9)
+        assert torch.equal(cell_areas(c, radius, (H, W)), own.flatten(1).sum(1).double()), trial
+
+
+def test_support_scores_independent_of_area_and_crowd():
+    from deeperlab_d2.layers.post_processing import support_scores
+
+    R, sigma = 6.0, 1.5
+    H, W = 40, 60
+    norm = 1.0 / (math.pi * R * R)
+    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+
+    def short_map(kps, prob=1.0):
+        # ideal short-range map: every pixel within R votes for its nearest keypoint
+        kps = torch.tensor(kps, dtype=torch.float32)
+        d2 = (yy[None] - kps[:, 0, None, None]) ** 2 + (xx[None] - kps[:, 1, None, None]) ** 2
+        near = d2.argmin(0)
+        inside = d2.amin(0) <= R * R
+        m = torch.zeros(H, W)
+        for j in range(len(kps)):
+            m[int(kps[j, 0]), int(kps[j, 1])] = prob * float((inside & (near == j)).sum()) * norm
+        return m, kps
+
+    # alone, cut by the border, in a crowd 3 px apart: all ~1
+    for kps in ([[20, 30]], [[1, 2]], [[y, x] for y in range(10, 22, 3) for x in range(10, 40, 3)]):
+        m, k = short_map(kps)
+        s = support_scores(m, k[:, 0], k[:, 1], R, sigma)
+        torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
+    # half the probability: half the score; never above 1
+    m, k = short_map([[20, 30], [20, 45]], prob=0.5)
+    torch.testing.assert_close(support_scores(m, k[:, 0], k[:, 1], R, sigma), torch.full((2,), 0.5))
+    # the votes 2 px off: exp(-4 / (2 sigma^2)); a hypothesis with no votes: 0
+    s = support_scores(m * 2, torch.tensor([22.0, 5.0]), torch.tensor([30.0, 5.0]), R, sigma)
+    torch.testing.assert_close(s, torch.tensor([math.exp(-4 / (2 * sigma**2)), 0.0]))
+    # two hypotheses 0.3 px apart share the cell (a center shared by two instances)
+    s, spread = support_scores(
+        m * 2, torch.tensor([20.0, 20.3]), torch.tensor([30.0, 30.0]), R, sigma, True
+    )
+    assert s[0] > 0.999 and s[1] > 0.98 and spread[0] == 0 and abs(float(spread[1]) - 0.3) < 1e-5
+
+
+def test_rejection_radii_scale_with_the_instance():
+    from deeperlab_d2.layers.post_processing import rejection_radii
+
+    def box(y0, x0, h, w):
+        y1, x1 = y0 + h - 1, x0 + w - 1
+        return [[y0, x0], [y0, x1], [y1, x0], [y1, x1], [(y0 + y1) / 2, (x0 + x1) / 2]]
+
+    r = rejection_radii(
+        torch.tensor([box(0, 0, 3, 3), box(0, 0, 21, 41), box(0, 0, 200, 200)]), 10.0
+    )
+    # a quarter of the distance to the nearest own keypoint (corners: the 20 px side; the
+    # center: a corner), at least 1 px, at most 10 px
+    assert r[0].tolist() == [1.0] * 5
+    torch.testing.assert_close(r[1], torch.tensor([5.0] * 4 + [0.25 * math.hypot(10, 20)]))
+    assert r[2].tolist() == [10.0] * 5

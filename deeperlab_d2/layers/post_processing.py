@@ -12,16 +12,27 @@ Pipeline (:func:`deeperlab_panoptic_inference`):
 1. :func:`refine_long_offsets` - recursive refinement ``L_k(x) += S_k(x + L_k(x))`` at thing
    pixels; middle-range offsets are refined the same way, lazily, at the few points where they
    are followed (:func:`follow_mid_offsets`).
-2. :func:`hough_score_maps` - short-range votes (weight = heatmap probability) and long-range
-   votes (weight 1 per thing pixel) splatted bilinearly by the Hough-voting op, normalized by
-   the disk area ``pi R^2`` and fused by a weighted sum.
-3. :func:`find_keypoints` - local maxima above a threshold, sub-pixel refined, rescored with
-   :func:`expected_oks_scores`.
-4. :func:`group_instances` - greedy decoding in score order along the star graph, then
-   :func:`box_nms`.
+2. :func:`hough_score_maps` - short-range votes (weight = heatmap probability, dense op) and
+   long-range votes (weight 1, from the thing pixels only: the op's sparse entry point
+   ``splat_points``) splatted bilinearly, normalized by the disk area ``pi R^2`` and fused by
+   a weighted sum.
+3. :func:`find_keypoints` - local maxima of the fused maps (:func:`local_peaks`), sub-pixel
+   refined, scored on the short-range map alone (:func:`support_scores`: the probability x
+   OKS of the votes each keypoint's cell received, independent of the instance's area and of
+   the crowd around it), queued by fused expected-OKS vote mass (:func:`expected_oks_scores`).
+4. :func:`group_instances` - greedy decoding in queue order along the star graph (a corner
+   whose walk through the center is suspect takes the keypoints its own pixels predict), a
+   keypoint NMS scaled to each instance (:func:`rejection_radii`); instance score = mean
+   support score of its keypoints; then :func:`box_nms`.
 5. :func:`assign_pixels` - each thing pixel to the instance whose keypoints are nearest to its
    predicted keypoints, in pixel chunks (never an ``[instances x H*W]`` tensor).
-6. :func:`fuse_panoptic` - majority-vote instance classes, stuff segments, final id map.
+6. :func:`fuse_panoptic` - majority-vote instance classes, stuff segments, final id map (one
+   histogram and one table lookup of each pixel's (instance, class) pair).
+
+Speed (steps 1, 2, 5, 6 and :func:`panoptic_inference`): the semantic labels, the score maps
+and the fusion read each full-resolution tensor a small, fixed number of times; the thing
+pixels are found once, and the refinement, the long-range votes and the assignment run on them
+only. A few host synchronizations per batch, none per instance: the same code runs on CUDA.
 
 Robustness: the head outputs may come in any floating dtype (bfloat16/float16 under autocast,
 float64): they are cast to float32 at the entry and everything runs with autocast disabled (the
@@ -36,10 +47,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .hough_voting import hough_voting
+from .hough_voting import hough_voting, splat_points
 from .keypoints import CENTER, KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS  # noqa: F401
 
 
@@ -58,8 +70,8 @@ class PostProcessConfig:
     peak_threshold: float  # fused score-map value a local maximum needs
     max_keypoints: int  # per keypoint type and image
     oks_sigma: float  # px, Gaussian of the expected-OKS rescoring
-    keypoint_threshold: float  # expected-OKS score a keypoint candidate needs
-    keypoint_nms_radius: float  # px, same-type keypoints of detected instances
+    keypoint_threshold: float  # support score (or fused vote mass) a candidate needs
+    keypoint_nms_radius: float  # px, largest same-type keypoint rejection radius
     instance_score_threshold: float
     box_nms_threshold: float
     max_instances: int
@@ -77,20 +89,42 @@ def mask_nonfinite_logits(logits: torch.Tensor) -> torch.Tensor:
 
     ``torch.argmax`` treats NaN as the maximum; after this, an argmax over the classes picks
     the largest finite logit (a pixel with no finite logit gets class 0). A finite floor, not
-    ``-inf``, so that softmax and bilinear resizing stay NaN-free.
+    ``-inf``, so that softmax and bilinear resizing stay NaN-free. One pass (``nan_to_num``).
     """
-    return torch.where(torch.isfinite(logits), logits, torch.finfo(logits.dtype).min)
+    low = torch.finfo(logits.dtype).min
+    return torch.nan_to_num(logits, nan=low, posinf=low, neginf=low)
 
 
 def semantic_labels(logits: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class of [N, C, H, W] logits: argmax over the finite logits of the pixel.
+    """Per-pixel class of [N, C, H, W] logits: argmax over the finite logits of the pixel
+    (the first such class on a tie).
+
+    One pass over the logits when they are finite: ``max`` over the classes gives each pixel's
+    largest logit and its first index; that value is finite exactly where the pixel has a
+    finite logit and no NaN or +inf (``max`` propagates NaN, and -inf never wins over a finite
+    logit), and then the index is the answer. Only the other pixels (found through one sum of
+    the maxima) are redone from their own logits.
 
     Returns:
         [N, H, W] int64; -1 (void) where no logit of the pixel is finite.
     """
-    finite = torch.isfinite(logits)
-    labels = torch.where(finite, logits, float("-inf")).argmax(1)
-    return torch.where(finite.any(1), labels, -1)
+    best, labels = logits.max(1)
+    # a finite sum <=> every maximum is finite (or an overflow of finite ones: nothing to redo)
+    if not bool(torch.isfinite(best.sum())):
+        n, y, x = torch.nonzero(~torch.isfinite(best), as_tuple=True)
+        sub = logits[n, :, y, x]  # [B, C], the pixels with a NaN, a +inf or no finite logit
+        finite = torch.isfinite(sub)
+        fixed = torch.where(finite, sub, float("-inf")).argmax(1)
+        labels[n, y, x] = torch.where(finite.any(1), fixed, -1)
+    return labels
+
+
+def _class_lut(num_classes: int, class_ids: Sequence[int], device) -> torch.Tensor:
+    """[C + 1] bool table, True at ``class_ids``: ``torch.take(lut, labels)`` of labels in
+    [-1, C) is the membership of each label, -1 (void; the last entry) never a member."""
+    lut = torch.zeros(num_classes + 1, dtype=torch.bool, device=device)
+    lut[list(class_ids)] = True
+    return lut
 
 
 def _autocast_disabled(device: torch.device):
@@ -144,11 +178,25 @@ def sample_fields(fields: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> t
         [B, C, T].
     """
     H, W = fields.shape[-2:]
-    grid = torch.stack([xs * (2.0 / max(W - 1, 1)) - 1.0, ys * (2.0 / max(H - 1, 1)) - 1.0], -1)
+    grid = xs.new_empty(*xs.shape, 2)  # normalized (x, y), written in place
+    torch.mul(xs, 2.0 / max(W - 1, 1), out=grid[..., 0]).sub_(1.0)
+    torch.mul(ys, 2.0 / max(H - 1, 1), out=grid[..., 1]).sub_(1.0)
     out = F.grid_sample(
         fields, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=True
     )
     return out[:, :, 0]
+
+
+def _gather_pixels(fields: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """``fields[..., ys, xs]`` of [..., H, W] fields at T integer pixels: [..., T]. One
+    ``index_select`` of flat pixel indices when the fields are contiguous (several times faster
+    on the CPU than advanced indexing), advanced indexing otherwise (no copy of a cropped view).
+    """
+    H, W = fields.shape[-2:]
+    if not fields.is_contiguous():
+        return fields[..., ys, xs]
+    lead = fields.shape[:-2]
+    return fields.reshape(-1, H * W).index_select(1, ys * W + xs).view(*lead, ys.numel())
 
 
 def refine_long_offsets(
@@ -171,10 +219,10 @@ def refine_long_offsets(
     Returns:
         [P, 2, T] refined long-range offsets at those pixels.
     """
-    lo = long_offsets[:, :, ys, xs]  # [P, 2, T]
+    lo = _gather_pixels(long_offsets, ys, xs)  # [P, 2, T]
     yf, xf = ys.to(lo.dtype)[None], xs.to(lo.dtype)[None]
     for _ in range(steps):
-        lo = lo + sample_fields(short_offsets, yf + lo[:, 0], xf + lo[:, 1])
+        lo.add_(sample_fields(short_offsets, yf + lo[:, 0], xf + lo[:, 1]))  # lo is ours
     return lo
 
 
@@ -211,54 +259,151 @@ def follow_mid_offsets(
 def hough_score_maps(
     heatmap_probs: torch.Tensor,
     short_offsets: torch.Tensor,
-    long_offsets: torch.Tensor,
-    thing_mask: torch.Tensor,
+    long_offsets: Optional[torch.Tensor],
+    thing_mask: Optional[torch.Tensor],
     cfg: PostProcessConfig,
-) -> torch.Tensor:
+    long_votes: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused keypoint score maps from short- and long-range Hough votes.
+
+    Short range: every pixel whose keypoint probability is at least ``min_vote_prob`` casts it
+    at ``x + S_k(x)`` (the dense Hough-voting op; the others weigh 0 and cast nothing). Long
+    range: every thing pixel casts 1 at ``x + L_k(x)``, through the op's sparse entry point
+    :func:`~deeperlab_d2.layers.hough_voting.splat_points`: only thing pixels are read, no
+    full-size weight map is built. The two differ only in float32 summation order from one
+    dense vote over the thing mask.
 
     Args:
         heatmap_probs: [N, P, H, W] keypoint probabilities (sigmoid of the heatmap logits).
         short_offsets: [N, P, 2, H, W].
-        long_offsets: [N, P, 2, H, W] (refined at thing pixels).
-        thing_mask: [N, H, W] bool, pixels predicted as a thing class.
+        long_offsets: [N, P, 2, H, W], read at the thing pixels (not used with ``long_votes``).
+        thing_mask: [N, H, W] bool, pixels predicted as a thing class (not used with
+            ``long_votes``).
         cfg: weights ``short_vote_weight``, ``long_vote_weight``, ``min_vote_prob``, ``R``.
+        long_votes: optional ``(points [M, 2], map_index [M])``, the long-range votes as
+            :func:`long_range_votes` gives them, e.g. with refined offsets
+            (:func:`deeperlab_instances`); replaces ``long_offsets`` and ``thing_mask``.
 
     Returns:
-        [N, P, H, W]: ``(ws * short_votes + wl * long_votes) / (pi R^2)``. A perfectly
-        predicted keypoint whose disk lies inside the image collects 1 from the short range.
+        ``(fused, short)``, both [N, P, H, W]: the fused map
+        ``(ws * short_votes + wl * long_votes) / (pi R^2)`` (keypoint localization) and the
+        short-range map alone, ``short_votes / (pi R^2)`` (a probability mass: a perfectly
+        predicted keypoint whose disk lies inside the image collects 1; the scores).
     """
-    H, W = heatmap_probs.shape[-2:]
+    short_w = F.threshold(heatmap_probs, _float32_below(cfg.min_vote_prob), 0.0)
+    if long_votes is None and cfg.long_vote_weight > 0 and heatmap_probs.shape[0] > 0:
+        pixel_keypoints = []
+        for n in range(heatmap_probs.shape[0]):
+            ys, xs = torch.nonzero(thing_mask[n], as_tuple=True)
+            lo = _gather_pixels(long_offsets[n], ys, xs)
+            pixel_keypoints.append(_pixel_keypoints(ys, xs, lo))
+        long_votes = long_range_votes(pixel_keypoints)
+    return _score_maps(short_w, short_offsets, long_votes, cfg)
+
+
+def _float32_below(value: float) -> float:
+    """The largest float32 below ``float32(value)``: for float32 ``x`` (not NaN),
+    ``x > it`` <=> ``x >= value`` as torch compares them (``F.threshold``'s strict test)."""
+    v = torch.tensor(value, dtype=torch.float32)
+    return float(torch.nextafter(v, torch.tensor(-math.inf)))
+
+
+def _score_maps(
+    short_weights: torch.Tensor,
+    short_offsets: torch.Tensor,
+    long_votes: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    cfg: PostProcessConfig,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    # :func:`hough_score_maps` from the thresholded short-range weights [N, P, H, W]: two op
+    # calls (dense short, sparse long) and three in-place passes; the same float operations
+    # as ``short = votes * norm; fused = short * ws + long * (wl * norm)``
+    N, P, H, W = short_weights.shape
     norm = 1.0 / (math.pi * cfg.keypoint_radius**2)
-    short_w = torch.where(heatmap_probs >= cfg.min_vote_prob, heatmap_probs, 0.0)
-    score = hough_voting(short_offsets, short_w, (H, W)) * (cfg.short_vote_weight * norm)
-    if cfg.long_vote_weight > 0:
-        long_w = thing_mask[:, None].to(heatmap_probs.dtype).expand_as(heatmap_probs)
-        score += hough_voting(long_offsets, long_w.contiguous(), (H, W)) * (
-            cfg.long_vote_weight * norm
-        )
-    return score
+    short = hough_voting(short_offsets, short_weights, (H, W)).mul_(norm)
+    ws = cfg.short_vote_weight
+    if cfg.long_vote_weight <= 0 or long_votes is None:
+        return short * ws, short
+    points, map_index = long_votes
+    ones = points.new_ones(points.shape[0])
+    fused = splat_points(points, ones, map_index, N * P, (H, W)).view(N, P, H, W)
+    fused.mul_(cfg.long_vote_weight * norm)
+    fused.add_(short if ws == 1 else short * ws)
+    return fused, short
+
+
+def _pixel_keypoints(ys: torch.Tensor, xs: torch.Tensor, long_offsets: torch.Tensor):
+    """[P, T, 2] keypoints ``(y, x) + L_k`` predicted by T pixels from their [P, 2, T] long-range
+    offsets (``ys``, ``xs``: [T] integer coordinates)."""
+    P, _, T = long_offsets.shape
+    kps = long_offsets.new_empty(P, T, 2)
+    torch.add(ys.to(kps.dtype)[None], long_offsets[:, 0], out=kps[..., 0])
+    torch.add(xs.to(kps.dtype)[None], long_offsets[:, 1], out=kps[..., 1])
+    return kps
+
+
+def _transpose_pairs(kps: torch.Tensor) -> torch.Tensor:
+    """[P, T, 2] -> contiguous [T, P, 2], bit for bit: each (y, x) float32 pair moved as one
+    64-bit word (a 2-D transpose, several times faster than copying pairs of floats)."""
+    P, T, _ = kps.shape
+    if kps.dtype != torch.float32 or not kps.is_contiguous() or kps.storage_offset() % 2:
+        return kps.transpose(0, 1).contiguous()
+    words = kps.view(torch.int64).view(P, T)
+    return words.t().contiguous().view(torch.float32).view(T, P, 2)
+
+
+def long_range_votes(
+    pixel_keypoints: Sequence[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The long-range votes of a batch, as :func:`splat_points` takes them.
+
+    Args:
+        pixel_keypoints: per image ``n``, [P, T_n, 2] keypoints (y, x) predicted by its T_n
+            thing pixels (``x + L_k(x)``), on one device.
+
+    Returns:
+        ``points`` [M, 2] and ``map_index`` [M] int64 (``n * P + k``), M = P * sum T_n, sorted
+        by map then by pixel (the split of the op's CPU kernel over threads needs sorted maps).
+    """
+    P = pixel_keypoints[0].shape[0]
+    device = pixel_keypoints[0].device
+    if len(pixel_keypoints) == 1:
+        points = pixel_keypoints[0].reshape(-1, 2)
+    else:
+        points = torch.cat([kps.reshape(-1, 2) for kps in pixel_keypoints])
+    counts = torch.tensor([kps.shape[1] for kps in pixel_keypoints]).repeat_interleave(P)
+    map_index = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=device),
+        counts.to(device),
+        output_size=points.shape[0],
+    )
+    return points, map_index
 
 
 # --------------------------------------------------------------------------------------------
 # 3. keypoints
 # --------------------------------------------------------------------------------------------
-def expected_oks_scores(
-    score_map: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, sigma: float
-) -> torch.Tensor:
-    """Expected-OKS style score of keypoint hypotheses.
+# px: same-type keypoint hypotheses closer than this share one cell (:func:`support_scores`)
+SHARED_CELL = 0.5
 
-    The fused map is (locally) a vote density whose mass is the probability that a keypoint
-    is there; the expected OKS of placing the keypoint at ``p`` is the mass weighted by the OKS
-    kernel ``exp(-|q - p|^2 / (2 sigma^2))`` over the nearby cells ``q``, clipped to [0, 1].
+
+def expected_oks_scores(
+    score_map: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, sigma: float, clip: bool = True
+) -> torch.Tensor:
+    """Expected-OKS vote mass of keypoint hypotheses: the map weighted by the OKS kernel
+    ``exp(-|q - p|^2 / (2 sigma^2))`` over the cells ``q`` within ``3 sigma`` of ``p``.
+
+    On the fused map it grows with the instance's area (its pixels' long-range votes): it
+    orders the greedy queue (:func:`find_keypoints`) and is no score; the scores are
+    :func:`support_scores`.
 
     Args:
-        score_map: [H, W] fused map of one keypoint type.
+        score_map: [H, W] map of one keypoint type.
         ys, xs: [M] float positions.
         sigma: OKS kernel width (px).
+        clip: clip to [0, 1].
 
     Returns:
-        [M] scores in [0, 1].
+        [M] masses (>= 0; in [0, 1] with ``clip``).
     """
     H, W = score_map.shape
     r = max(1, int(math.ceil(3 * sigma)))
@@ -270,7 +415,174 @@ def expected_oks_scores(
     vals = score_map[qy.clamp(0, H - 1), qx.clamp(0, W - 1)] * ok
     d2 = (qy - ys[:, None, None]) ** 2 + (qx - xs[:, None, None]) ** 2
     kernel = torch.exp(-d2 / (2 * sigma**2))
-    return (vals * kernel).flatten(1).sum(1).clamp(max=1.0)
+    out = (vals * kernel).flatten(1).sum(1)
+    return out.clamp(max=1.0) if clip else out
+
+
+def support_scores(
+    short_map: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    radius: float,
+    sigma: float,
+    return_spread: bool = False,
+):
+    """How well the short-range votes support keypoint hypotheses of one type: a score in
+    [0, 1] that does not grow with the instance's area nor shrink in a crowd.
+
+    Each hypothesis ``p`` owns its *cell*: the pixels within ``radius`` of it that are not
+    nearer to another of the hypotheses (:func:`cell_areas`; hypotheses closer than 1/2 px
+    to each other share one cell, so that coinciding keypoints of two instances both own it).
+    A perfect model makes exactly these pixels vote for ``p``, with probability 1 (the targets'
+    disks, split between same-type keypoints by nearest keypoint). Score = expected-OKS vote
+    mass in the cell (the short-range map weighted by ``exp(-|q - p|^2 / (2 sigma^2))``, within
+    ``3 sigma``) / max(number of pixels of the cell, vote mass in the cell within ``3 sigma``):
+    the mean over the cell's pixels of probability x OKS of their votes. It is ~1 for a
+    perfect keypoint, whether its instance has 4 or 40 000 pixels, stands alone or among
+    others 3 px away, or is cut by the image border; lower probabilities and scattered votes
+    lower it; a few stray votes in a large empty cell score ~0. Never above 1 (the kernel is at
+    most 1): nothing is clipped. (A cell smaller than the votes it receives, when a spurious
+    hypothesis splits a keypoint's votes, scores their concentration around ``p``.)
+
+    Args:
+        short_map: [H, W] short-range map of one keypoint type (probability-weighted votes
+            divided by ``pi radius^2``, see :func:`hough_score_maps`).
+        ys, xs: [M] float positions of the hypotheses (all of them: they split the cells).
+        radius: R, the disk radius of the targets (px).
+        sigma: OKS kernel width (px).
+        return_spread: also return the spread of the votes.
+
+    Returns:
+        [M] scores in [0, 1]; with ``return_spread``, also [M] spreads: the root mean square
+        distance (px) from each hypothesis of the votes in its cell within ``3 sigma`` (0
+        without votes), its localization uncertainty.
+    """
+    H, W = short_map.shape
+    M = ys.numel()
+    if M == 0:
+        return (short_map.new_zeros(0),) * 2 if return_spread else short_map.new_zeros(0)
+    device = short_map.device
+    pos = torch.stack([ys, xs], 1).double()
+    # hypotheses closer than 1/2 px form one group, represented by the first of them
+    rep = (torch.cdist(pos, pos) < SHARED_CELL).to(torch.uint8).argmax(1)
+    is_rep = rep == torch.arange(M, device=device)
+    group = (torch.cumsum(is_rep, 0) - 1)[rep]
+    centers = pos[is_rep]
+    capacity = cell_areas(centers, radius, (H, W))[group].to(short_map.dtype)
+
+    # vote mass within 3 sigma of each hypothesis, in its group's cell: a pixel is in the cell
+    # of the group nearest to it (ties shared); the groups' windows cover every pixel within
+    # 3 sigma + 1/2 px of a hypothesis
+    rho = 3.0 * sigma
+    r = int(math.ceil(rho)) + 2
+    d = torch.arange(-r, r + 1, device=device)
+    cy, cx = centers[:, 0].float(), centers[:, 1].float()
+    gy = (torch.round(cy).long()[:, None] + d)[:, :, None].expand(-1, -1, d.numel()).flatten(1)
+    gx = (torch.round(cx).long()[:, None] + d)[:, None, :].expand(-1, d.numel(), -1).flatten(1)
+    inside = (gy >= 0) & (gy < H) & (gx >= 0) & (gx < W)  # [G, S]
+    flat = gy.clamp(0, H - 1) * W + gx.clamp(0, W - 1)
+    own = inside
+    # only groups with another one nearby contest pixels: nearest group of each pixel of their
+    # windows, on the bounding box of those windows
+    between = torch.cdist(centers, centers).fill_diagonal_(math.inf)
+    contested = torch.nonzero((between < 2 * rho + 4).any(1)).flatten()
+    if contested.numel():
+        ky, kx = gy[contested].clamp(0, H - 1), gx[contested].clamp(0, W - 1)
+        y0, x0 = int(ky.min()), int(kx.min())
+        bw = int(kx.max()) - x0 + 1
+        local = (ky - y0) * bw + (kx - x0)
+        dist = torch.hypot(ky - cy[contested, None], kx - cx[contested, None])
+        ins = inside[contested]
+        nearest = dist.new_full(((int(ky.max()) - y0 + 1) * bw,), math.inf)
+        nearest.scatter_reduce_(0, local[ins], dist[ins], "amin")
+        own = inside.clone()
+        own[contested] = ins & (dist <= nearest[local] + 1e-3)
+    qy, qx = gy, gx
+    if centers.shape[0] < M:  # per hypothesis: its group's window, its own kernel
+        flat, own, qy, qx = flat[group], own[group], qy[group], qx[group]
+    d2 = (qy - ys[:, None]) ** 2 + (qx - xs[:, None]) ** 2
+    near = own & (d2 <= rho * rho)
+    mass = short_map.reshape(-1)[flat] * near
+    oks_mass = (mass * torch.exp(-d2 / (2 * sigma**2))).sum(1)
+    cells = capacity / (math.pi * radius * radius)  # in map units
+    total = mass.sum(1)
+    scores = oks_mass / torch.maximum(cells, total).clamp(min=1e-12)
+    if not return_spread:
+        return scores
+    return scores, ((mass * d2).sum(1) / total.clamp(min=1e-12)).sqrt()
+
+
+def cell_areas(centers: torch.Tensor, radius: float, size: Tuple[int, int]) -> torch.Tensor:
+    """Number of pixels of each keypoint's cell: the pixels ``q`` of an ``H x W`` image with
+    ``|q - c| <= radius`` and ``|q - c| <= |q - c'|`` for every other center ``c'`` (pixels on a
+    bisector belong to both), counted row by row: in each row the cell is an interval, the disk's
+    chord cut by the half-planes of the neighbours. Only the 16 nearest neighbours are tried
+    first; a center whose cell some farther neighbour may still cut (half its distance within
+    the cell's extent) is redone with all neighbours closer than ``2 radius``.
+
+    Args:
+        centers: [G, 2] (y, x), distinct.
+        radius: px; size: (H, W).
+
+    Returns:
+        [G] float64 pixel counts.
+    """
+    H, W = size
+    centers = centers.double()
+    G = centers.shape[0]
+    dist = torch.cdist(centers, centers)
+    dist.fill_diagonal_(float("inf"))
+    k = min(16, G - 1)
+    near_d, near = dist.topk(k, 1, largest=False) if k > 0 else (dist[:, :0], dist[:, :0].long())
+    pm = torch.arange(G, device=centers.device)[:, None].expand(-1, k).flatten()
+    pn, pd = near.flatten(), near_d.flatten()
+    keep = pd < 2 * radius
+    count, extent = _cell_rows(centers, radius, (H, W), pm[keep], pn[keep])
+    # a farther neighbour cuts the cell only if half its distance is within the cell's extent
+    far = (dist < 2 * radius) & (dist / 2 <= extent[:, None])
+    far[torch.arange(G, device=centers.device)[:, None], near] = False
+    redo = torch.nonzero(far.any(1)).flatten()
+    if redo.numel():
+        rm, rn = torch.nonzero(dist[redo] < 2 * radius, as_tuple=True)
+        count[redo] = _cell_rows(centers, radius, (H, W), redo[rm], rn, redo)[0]
+    return count
+
+
+def _cell_rows(centers, radius, size, pm, pn, which=None):
+    # :func:`cell_areas` of the centers ``which`` (default all) cut by the half-planes of the
+    # pairs (pm, pn) (pm in ``which``): pixel counts and the largest distance from a center to
+    # a pixel center of its cell (its extent)
+    H, W = size
+    if which is None:
+        which = torch.arange(centers.shape[0], device=centers.device)
+    slot = torch.full((centers.shape[0],), -1, dtype=torch.long, device=centers.device)
+    slot[which] = torch.arange(which.numel(), device=centers.device)
+    r = int(math.ceil(radius))
+    cy, cx = centers[:, 0], centers[:, 1]
+    rows = torch.round(cy[which])[:, None] + torch.arange(-r, r + 1, device=centers.device)
+    dy = rows - cy[which, None]  # [G', L]
+    half2 = radius * radius - dy * dy
+    ok = (half2 >= 0) & (rows >= 0) & (rows <= H - 1)
+    hi = half2.clamp(min=0).sqrt()  # bounds of u = qx - cx in each row
+    lo = -hi
+    if pm.numel():
+        # |q - c_m| <= |q - c_n|  <=>  a u + c dy <= (a^2 + c^2) / 2, (c, a) = c_n - c_m
+        a = (cx[pn] - cx[pm])[:, None]
+        c = (cy[pn] - cy[pm])[:, None]
+        rhs = (a * a + c * c) / 2 - c * dy[slot[pm]] + 1e-9
+        bound = rhs / a.masked_fill(a == 0, 1.0)
+        upper = bound.masked_fill(a <= 0, math.inf)
+        upper.masked_fill_((a == 0) & (rhs < 0), -math.inf)  # the row is on the far side
+        lower = bound.masked_fill(a >= 0, -math.inf)
+        idx = slot[pm][:, None].expand_as(bound)
+        hi = hi.scatter_reduce(0, idx, upper, "amin")
+        lo = lo.scatter_reduce(0, idx, lower, "amax")
+    x0 = torch.ceil(cx[which, None] + lo - 1e-9).clamp(min=0)
+    x1 = torch.floor(cx[which, None] + hi + 1e-9).clamp(max=W - 1)
+    n = (x1 - x0 + 1).clamp(min=0) * ok
+    u = torch.maximum((x0 - cx[which, None]).abs(), (x1 - cx[which, None]).abs())
+    extent = torch.where(n > 0, torch.hypot(u, dy), 0.0).amax(1)
+    return n.sum(1), extent
 
 
 def window_max(maps: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -294,25 +606,31 @@ def window_max(maps: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 def find_keypoints(
-    score_maps: torch.Tensor, cfg: PostProcessConfig
+    score_maps: torch.Tensor, cfg: PostProcessConfig, short_maps: Optional[torch.Tensor] = None
 ) -> List[Dict[str, torch.Tensor]]:
-    """Keypoint candidates: local maxima of the fused maps, sub-pixel refined and rescored.
+    """Keypoint candidates: local maxima of the fused maps, sub-pixel refined, scored on the
+    short-range maps.
 
     Args:
-        score_maps: [N, P, H, W] fused score maps.
-        cfg: ``peak_kernel``, ``peak_threshold``, ``max_keypoints``, ``oks_sigma``,
-            ``keypoint_threshold``.
+        score_maps: [N, P, H, W] fused score maps (short + long votes: localization).
+        cfg: ``peak_kernel``, ``peak_threshold``, ``max_keypoints``, ``keypoint_radius``,
+            ``oks_sigma``, ``keypoint_threshold``.
+        short_maps: [N, P, H, W] short-range maps (the scores, :func:`support_scores` with the
+            candidates of the same image and type as hypotheses); default ``score_maps``.
 
     Returns:
-        per image, a dict of ``type`` [M] (keypoint index), ``y``, ``x`` [M] float positions and
-        ``score`` [M] expected-OKS scores >= ``keypoint_threshold``, sorted by score.
+        per image, a dict of [M] tensors: ``type`` (keypoint index), ``y``, ``x`` (float
+        positions), ``score`` (support score, :func:`support_scores`), ``spread`` (px, the
+        spread of their votes), ``mass`` (expected-OKS mass of the fused map, not clipped:
+        :func:`expected_oks_scores`). A candidate has ``score`` or ``mass`` >=
+        ``keypoint_threshold``; they are sorted by decreasing ``mass`` (the greedy queue's
+        order: the keypoints with the most votes first, as in the paper).
     """
+    if short_maps is None:
+        short_maps = score_maps
     N, P, H, W = score_maps.shape
-    is_peak = (score_maps == window_max(score_maps, cfg.peak_kernel)) & (
-        score_maps > cfg.peak_threshold
-    )
     # peaks are sparse: take them all, then keep the max_keypoints best of each (image, type)
-    n_idx, k_idx, y_idx, x_idx = torch.nonzero(is_peak, as_tuple=True)
+    n_idx, k_idx, y_idx, x_idx = local_peaks(score_maps, cfg.peak_kernel, cfg.peak_threshold)
     vals = score_maps[n_idx, k_idx, y_idx, x_idx]
     order = vals.argsort(descending=True, stable=True)
     group = (n_idx * P + k_idx)[order]
@@ -328,15 +646,26 @@ def find_keypoints(
         sel = n_idx == n
         types, py, px = k_idx[sel], y_idx[sel], x_idx[sel]
         ys, xs = _subpixel(score_maps[n], types, py, px)
-        scores = torch.zeros_like(ys)
+        scores, spread, mass = torch.zeros_like(ys), torch.zeros_like(ys), torch.zeros_like(ys)
         for t in range(P):
             sel = types == t
             if sel.any():
-                scores[sel] = expected_oks_scores(score_maps[n, t], ys[sel], xs[sel], cfg.oks_sigma)
-        good = scores >= cfg.keypoint_threshold
-        types, ys, xs, scores = types[good], ys[good], xs[good], scores[good]
-        order = scores.argsort(descending=True, stable=True)
-        types, ys, xs, scores = types[order], ys[order], xs[order], scores[order]
+                scores[sel], spread[sel] = support_scores(
+                    short_maps[n, t], ys[sel], xs[sel], cfg.keypoint_radius, cfg.oks_sigma, True
+                )
+                mass[sel] = expected_oks_scores(
+                    score_maps[n, t], ys[sel], xs[sel], cfg.oks_sigma, clip=False
+                )
+        # candidates: supported by their own short-range votes (support score) or by the fused
+        # votes (expected-OKS mass of short + long votes: the instance's pixels agree on it);
+        # the greedy queue takes the most voted first
+        order = torch.nonzero(
+            (scores >= cfg.keypoint_threshold) | (mass >= cfg.keypoint_threshold)
+        ).flatten()
+        order = order[mass[order].argsort(descending=True, stable=True)]
+        types, ys, xs, scores, spread, mass = (
+            v[order] for v in (types, ys, xs, scores, spread, mass)
+        )
         # a plateau (e.g. a keypoint exactly between cells) gives several equal maxima with the
         # same sub-pixel position: keep the first of same-type candidates closer than 1 px
         d2 = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2
@@ -346,8 +675,66 @@ def find_keypoints(
             & torch.ones_like(d2, dtype=torch.bool).tril(-1)
         )
         keep = ~dup.any(1)
-        results.append({"type": types[keep], "y": ys[keep], "x": xs[keep], "score": scores[keep]})
+        results.append(
+            {
+                "type": types[keep],
+                "y": ys[keep],
+                "x": xs[keep],
+                "score": scores[keep],
+                "spread": spread[keep],
+                "mass": mass[keep],
+            }
+        )
     return results
+
+
+def local_peaks(
+    maps: torch.Tensor, kernel: int, threshold: float, ridge: float = 0.5
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local maxima of [N, P, H, W] maps: cells above ``threshold`` that are the maximum of
+    their 3 x 3 neighbourhood and of their ``kernel`` x ``kernel`` window, except where a
+    higher cell of the window is a separate peak: the cells between the two (on the segment
+    joining them) fall below ``ridge`` x the cell's value somewhere. A ripple of one vote
+    cloud is suppressed; the keypoints of two instances 2 px apart, each with its own votes,
+    are both kept. Ties are kept (a plateau: the sub-pixel refinement merges them).
+
+    Returns:
+        ``(n, k, y, x)`` int64 indices of the peaks (``torch.nonzero`` order).
+    """
+    N, P, H, W = maps.shape
+    n, k, y, x = torch.nonzero((maps == window_max(maps, 3)) & (maps > threshold), as_tuple=True)
+    r = kernel // 2
+    if r < 2 or n.numel() == 0:
+        return n, k, y, x
+    flat = maps.reshape(N * P, H * W)
+    plane = n * P + k
+    v = flat[plane, y * W + x]
+
+    def value(fy, fx):
+        # max of the cells a (fractional) point rounds to; 0 outside the maps
+        out = torch.zeros_like(v)
+        for yy in {math.floor(fy), math.ceil(fy)}:
+            for xx in {math.floor(fx), math.ceil(fx)}:
+                qy, qx = y + yy, x + xx
+                ok = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+                q = flat[plane, qy.clamp(0, H - 1) * W + qx.clamp(0, W - 1)]
+                out = torch.maximum(out, torch.where(ok, q, 0.0))
+        return out
+
+    keep = torch.ones_like(v, dtype=torch.bool)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            steps = max(abs(dy), abs(dx))
+            if steps < 2:
+                continue
+            higher = value(dy, dx) > v
+            if not higher.any():
+                continue
+            ridge_min = torch.full_like(v, math.inf)
+            for i in range(1, steps):
+                ridge_min = torch.minimum(ridge_min, value(dy * i / steps, dx * i / steps))
+            keep &= ~(higher & (ridge_min >= ridge * v))
+    return n[keep], k[keep], y[keep], x[keep]
 
 
 def _subpixel(maps: torch.Tensor, types, py, px):
@@ -372,16 +759,33 @@ def propose_instances(
     mid_offsets: torch.Tensor,
     short_offsets: torch.Tensor,
     steps: int,
+    pixel_keypoints: Optional[torch.Tensor] = None,
+    tolerance: float = float("inf"),
 ) -> torch.Tensor:
     """The instance each keypoint candidate would start, following the star graph.
 
     From a center candidate, each corner is ``c + M_{c->corner}(c)``; from a corner candidate
     ``q``, the center is ``q + M_{q->c}(q)`` and the other corners follow from that center.
 
+    Where two instances share a center (a disc in a ring's hole, a square in a frame), the
+    center's offsets point at one instance's corners, or at a mix of both. A corner
+    candidate's walk is suspect when it does not come back (the center's offset to its type
+    lands more than ``tolerance`` px from ``q``) or when the bilinear taps of the offsets it
+    reads disagree by more than ``tolerance`` px (the point lies between two instances'
+    disks, :func:`_tap_spread`). A suspect corner is checked against its own pixels: those
+    whose predicted keypoint of its type lies within 1 px of ``q`` (the instance's pixels)
+    predict, on average, the instance's keypoints (:func:`_keypoints_from_pixels`); where a
+    keypoint of the middle-range proposal lies more than ``tolerance`` px from theirs, the
+    proposal is theirs.
+
     Args:
         candidates: output of :func:`find_keypoints` for one image (M candidates).
         mid_offsets: [E, 2, H, W]; short_offsets: [P, 2, H, W] of that image.
         steps: refinement steps of the middle-range offsets.
+        pixel_keypoints: [T, P, 2] keypoints predicted at the image's thing pixels
+            (``x + L_k(x)``, refined), or None (no check).
+        tolerance: px, the disagreements above which a corner's walk is suspect and its
+            proposal is taken from its pixels.
 
     Returns:
         [M, P, 2] proposed keypoints (y, x) per candidate.
@@ -402,14 +806,129 @@ def propose_instances(
                 steps,
             )
     kps[:, CENTER, 0], kps[:, CENTER, 1] = cy, cx
+    check = pixel_keypoints is not None and pixel_keypoints.shape[0] > 0
+    suspect = torch.zeros(M, dtype=torch.bool, device=ys.device)
     for k in range(4):  # every candidate: from the center to each corner
-        ky, kx = follow_mid_offsets(
-            mid_offsets, short_offsets, KEYPOINT_EDGES.index((CENTER, k)), cy, cx, steps
-        )
+        edge = KEYPOINT_EDGES.index((CENTER, k))
+        ky, kx = follow_mid_offsets(mid_offsets, short_offsets, edge, cy, cx, steps)
         own = types == k  # a corner candidate keeps its own position
         kps[:, k, 0] = torch.where(own, ys, ky)
         kps[:, k, 1] = torch.where(own, xs, kx)
+        if check:
+            back = own & (torch.hypot(ky - ys, kx - xs) > tolerance)
+            spread = _tap_spread(mid_offsets[edge], cy, cx)
+            if own.any():
+                to_center = KEYPOINT_EDGES.index((k, CENTER))
+                spread[own] = torch.maximum(
+                    spread[own], _tap_spread(mid_offsets[to_center], ys[own], xs[own])
+                )
+            suspect |= back | (spread > tolerance)
+    suspect = torch.nonzero(suspect & (types < CENTER)).flatten()
+    if suspect.numel() > 0:
+        est, found = _keypoints_from_pixels(
+            pixel_keypoints, types[suspect], ys[suspect], xs[suspect], short_offsets.shape[-2:]
+        )
+        rows = torch.arange(suspect.numel(), device=est.device)
+        est[rows, types[suspect]] = kps[suspect, types[suspect]]
+        off = found & ((est - kps[suspect]).norm(dim=-1).amax(1) > tolerance)
+        kps[suspect[off]] = est[off]
     return kps
+
+
+def _tap_spread(offsets: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """How much the bilinear taps of an offset field disagree at given points.
+
+    Args:
+        offsets: [2, H, W] (dy, dx) field; ys, xs: [M] float positions.
+
+    Returns:
+        [M]: the largest distance from the mean of the targets ``tap + offsets(tap)`` of the
+        in-image taps weighing more than 1 % to one of them (0 where they agree, as inside one
+        instance's disk; large where the point lies between two instances' disks).
+    """
+    H, W = offsets.shape[-2:]
+    y0f, x0f = torch.floor(ys), torch.floor(xs)
+    fy, fx = ys - y0f, xs - x0f
+    y0, x0 = y0f.long(), x0f.long()
+    targets, oks = [], []
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = y0 + dy, x0 + dx
+            ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & (wy * wx > 0.01)
+            o = offsets[:, yy.clamp(0, H - 1), xx.clamp(0, W - 1)]
+            targets.append(torch.stack([yy + o[0], xx + o[1]], -1))
+            oks.append(ok)
+    t, ok = torch.stack(targets), torch.stack(oks)  # [4, M, 2], [4, M]
+    w = ok.to(t.dtype)[..., None]
+    mean = (t * w).sum(0) / w.sum(0).clamp(min=1)
+    return torch.where(ok, (t - mean).norm(dim=-1), 0.0).amax(0)
+
+
+def _keypoints_from_pixels(
+    pixel_keypoints: torch.Tensor,
+    types: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    size: Tuple[int, int],
+    radius: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean keypoints predicted by the pixels that vote for given keypoints.
+
+    For query ``m`` (keypoint type ``types[m]`` at ``(ys[m], xs[m])``): the mean of
+    ``pixel_keypoints`` over the pixels whose predicted keypoint of that type lies within
+    ``radius`` px of it (the instance's own pixels). A lookup table over the image's cells
+    makes it O(T) per type, whatever the number of queries (a cell near two same-type queries
+    goes to one of them).
+
+    Args:
+        pixel_keypoints: [T, P, 2]; types, ys, xs: [F]; size: (H, W) of the image.
+
+    Returns:
+        ([F, P, 2] mean keypoints, [F] bool: the query has pixels).
+    """
+    H, W = size
+    F_ = ys.numel()
+    device = pixel_keypoints.device
+    sums = pixel_keypoints.new_zeros(F_, NUM_KEYPOINTS * 2)
+    counts = pixel_keypoints.new_zeros(F_)
+    d = torch.arange(-int(math.ceil(radius)), int(math.ceil(radius)) + 1, device=device)
+    flat_kps = pixel_keypoints.reshape(-1, NUM_KEYPOINTS * 2)
+    for k in types.unique().tolist():
+        q = torch.nonzero(types == k).flatten()
+        # cells around each query -> query index (-1: none)
+        lut = torch.full((H * W,), -1, dtype=torch.long, device=device)
+        cy = (torch.round(ys[q]).long()[:, None, None] + d[None, :, None]).expand(-1, -1, d.numel())
+        cx = (torch.round(xs[q]).long()[:, None, None] + d[None, None, :]).expand(-1, d.numel(), -1)
+        ok = (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
+        owner = q[:, None, None].expand_as(cy)
+        lut[(cy * W + cx)[ok]] = owner[ok]
+        vy, vx = pixel_keypoints[:, k, 0], pixel_keypoints[:, k, 1]
+        ry, rx = torch.round(vy).long(), torch.round(vx).long()
+        inside = (ry >= 0) & (ry < H) & (rx >= 0) & (rx < W)
+        m = torch.where(inside, lut[(ry.clamp(0, H - 1) * W + rx.clamp(0, W - 1))], -1)
+        sel = torch.nonzero(m >= 0).flatten()
+        m = m[sel]
+        near = torch.hypot(vy[sel] - ys[m], vx[sel] - xs[m]) <= radius
+        sel, m = sel[near], m[near]
+        sums.index_add_(0, m, flat_kps[sel])
+        counts.index_add_(0, m, torch.ones_like(m, dtype=counts.dtype))
+    found = counts > 0
+    mean = sums / counts.clamp(min=1)[:, None]
+    return mean.view(F_, NUM_KEYPOINTS, 2), found
+
+
+def rejection_radii(keypoints: torch.Tensor, max_radius: float) -> torch.Tensor:
+    """[J, P, 2] instance keypoints -> [J, P] keypoint NMS radii, scaled to each instance: a
+    quarter of the distance from the keypoint to the nearest other keypoint of its instance,
+    at least 1 px (a keypoint within 1 px is the same keypoint) and never more than
+    ``max_radius`` (KEYPOINT_NMS_RADIUS).
+
+    Tiny packed instances (same-type keypoints 2-10 px apart) do not reject each other, nor
+    does a large instance the small one in its hole or in its concave side, while a large
+    instance keeps the full radius against its own duplicate candidates."""
+    d = torch.cdist(keypoints, keypoints)  # [J, P, P]
+    d = d.masked_fill(torch.eye(NUM_KEYPOINTS, dtype=torch.bool, device=d.device), float("inf"))
+    return (0.25 * d.amin(2)).clamp(min=1.0).clamp(max=max_radius)
 
 
 def instance_boxes(keypoints: torch.Tensor) -> torch.Tensor:
@@ -455,18 +974,28 @@ def group_instances(
     mid_offsets: torch.Tensor,
     short_offsets: torch.Tensor,
     cfg: PostProcessConfig,
+    pixel_keypoints: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy instance detection for one image.
 
-    Candidates are taken in decreasing score (a priority queue over all keypoint types); one
-    lying within ``keypoint_nms_radius`` of the same-type keypoint of an already detected
-    instance is rejected; otherwise it starts an instance whose other keypoints follow the
-    middle-range offsets (:func:`propose_instances`). Instance score = mean expected-OKS score
-    of its 5 keypoints. Then score threshold and box NMS.
+    Candidates are taken in :func:`find_keypoints`'s order (a priority queue over all keypoint
+    types, the most voted first); one lying within the rejection radius of the same-type
+    keypoint of an already detected instance is rejected (:func:`rejection_radii` of both the
+    detected instance and the instance the candidate proposes, the smaller: a small instance
+    next to, or inside, a large one is not a duplicate of it; but at least 3 x the spread of
+    the candidate's votes, at most ``keypoint_nms_radius``: ripples of one noisy vote cloud are
+    duplicates); otherwise it starts the instance it proposes
+    (:func:`propose_instances`: middle-range offsets along the star graph, checked against the
+    corner's own pixels). Instance score = mean over its 5 keypoints of their
+    :func:`support_scores` on the short-range maps, the detected instances' keypoints sharing
+    the cells. Then score threshold and box NMS.
 
     Args:
         candidates: :func:`find_keypoints` output of the image.
-        score_maps: [P, H, W]; mid_offsets: [E, 2, H, W]; short_offsets: [P, 2, H, W].
+        score_maps: [P, H, W] short-range maps (the second map of :func:`hough_score_maps`);
+            mid_offsets: [E, 2, H, W]; short_offsets: [P, 2, H, W].
+        pixel_keypoints: [T, P, 2] keypoints predicted at the thing pixels, for the corners
+            whose walk through the center is suspect (:func:`propose_instances`).
 
     Returns:
         keypoints [J, P, 2] (y, x) and scores [J], sorted by decreasing score.
@@ -475,35 +1004,43 @@ def group_instances(
     empty = (score_maps.new_zeros(0, NUM_KEYPOINTS, 2), score_maps.new_zeros(0))
     if M == 0:
         return empty
-    proposals = propose_instances(candidates, mid_offsets, short_offsets, cfg.refine_steps)
-    kp_scores = torch.stack(
+    proposals = propose_instances(
+        candidates, mid_offsets, short_offsets, cfg.refine_steps, pixel_keypoints, cfg.oks_sigma
+    )
+
+    # greedy pass, on the CPU (a few hundred candidates at most)
+    pos = torch.stack([candidates["y"], candidates["x"]], 1).cpu()
+    props = proposals.cpu()
+    radii = rejection_radii(props, cfg.keypoint_nms_radius)
+    # dup[j, i]: candidate i lies within the rejection radius of keypoint type(i) of the
+    # instance j proposes: the smaller radius of the two instances, or 3 x the spread of the
+    # candidate's votes if larger (peaks in one noisy vote cloud), at most keypoint_nms_radius
+    t = candidates["type"].cpu()
+    r = torch.minimum(radii[:, t], radii[torch.arange(M), t][None])
+    spread = candidates.get("spread")
+    if spread is not None:
+        r = torch.maximum(r, 3.0 * spread.cpu()[None]).clamp(max=cfg.keypoint_nms_radius)
+    dup = (((props[:, t] - pos[None]) ** 2).sum(-1) < r * r).numpy()
+    blocked = np.zeros(M, dtype=bool)
+    accepted: List[int] = []
+    for i in range(M):  # in the queue's order
+        if blocked[i]:
+            continue
+        accepted.append(i)
+        blocked |= dup[i]
+        if len(accepted) >= cfg.max_instances:
+            break
+    idx = torch.tensor(accepted, dtype=torch.long, device=proposals.device)
+    kps = proposals[idx]
+    scores = torch.stack(
         [
-            expected_oks_scores(
-                score_maps[k], proposals[:, k, 0], proposals[:, k, 1], cfg.oks_sigma
+            support_scores(
+                score_maps[k], kps[:, k, 0], kps[:, k, 1], cfg.keypoint_radius, cfg.oks_sigma
             )
             for k in range(NUM_KEYPOINTS)
         ],
         dim=1,
-    )
-    inst_scores = kp_scores.mean(1)
-
-    # greedy pass, on the CPU (a few hundred candidates at most)
-    types = candidates["type"].cpu().tolist()
-    pos = torch.stack([candidates["y"], candidates["x"]], 1).cpu()
-    props = proposals.cpu()
-    r2 = cfg.keypoint_nms_radius**2
-    accepted: List[int] = []
-    accepted_kps = torch.zeros(0, NUM_KEYPOINTS, 2)
-    for i in range(M):  # candidates are sorted by score
-        k = types[i]
-        if accepted and ((accepted_kps[:, k] - pos[i]) ** 2).sum(1).min() < r2:
-            continue
-        accepted.append(i)
-        accepted_kps = torch.cat([accepted_kps, props[i : i + 1]])
-        if len(accepted) >= cfg.max_instances:
-            break
-    idx = torch.tensor(accepted, dtype=torch.long, device=proposals.device)
-    kps, scores = proposals[idx], inst_scores[idx]
+    ).mean(1)
     good = scores >= cfg.instance_score_threshold
     kps, scores = kps[good], scores[good]
     if kps.shape[0] == 0:
@@ -522,23 +1059,24 @@ def assign_pixels(
     instances' keypoints (sum over the 5 keypoints of squared L2 distances).
 
     Args:
-        predicted_keypoints: [T, P, 2] keypoints predicted at T pixels (``x + L_k(x)``).
+        predicted_keypoints: [T, P, 2] keypoints predicted at T pixels (``x + L_k(x)``); may
+            be a strided view (e.g. the transpose of a [P, T, 2] tensor): each chunk is
+            gathered on its own.
         instance_keypoints: [J, P, 2], J >= 1.
         chunk: pixels per chunk: memory is O(chunk * J), never O(T * J).
 
     Returns:
-        [T] int64 instance index of each pixel.
+        [T] int64 instance index of each pixel (the first one on a tie).
     """
     T = predicted_keypoints.shape[0]
-    a = predicted_keypoints.reshape(T, -1)
     b = instance_keypoints.reshape(instance_keypoints.shape[0], -1)
-    out = torch.empty(T, dtype=torch.long, device=a.device)
+    out = torch.empty(T, dtype=torch.long, device=b.device)
     b2 = (b * b).sum(1)
     for s in range(0, T, chunk):
-        part = a[s : s + chunk]
-        # |a - b|^2 = |a|^2 - 2 a.b + |b|^2; |a|^2 is the same for every instance
-        d = b2[None, :] - 2.0 * (part @ b.T)
-        out[s : s + chunk] = d.argmin(1)
+        part = predicted_keypoints[s : s + chunk].reshape(-1, b.shape[1])
+        # |a - b|^2 = |a|^2 - 2 a.b + |b|^2; |a|^2 is the same for every instance. One addmm
+        # (the same values as |b|^2 - 2 (a @ b.T): the factor -2 is exact)
+        out[s : s + chunk] = torch.addmm(b2, part, b.T, alpha=-2.0).min(1).indices
     return out
 
 
@@ -566,56 +1104,55 @@ def fuse_panoptic(
     Returns:
         (panoptic [H, W] int32 with 0 = void, segments_info: dicts with ``id``, ``category_id``
         (contiguous), ``isthing``, ``score``, ``area``; things first, by decreasing score).
-        An instance's class is the majority semantic label of its pixels.
+        An instance's class is the majority semantic label of its pixels (the smallest class
+        id on a tie).
+
+    Two passes over the map: each pixel's (instance, class) pair as one index
+    ``(instance + 1) * (C + 1) + (class + 1)``, whose histogram gives the instances' class
+    votes and areas and the stuff areas, and whose lookup in a ``[(J + 1) x (C + 1)]`` table of
+    segment ids gives the panoptic map (a void pixel -> 0; a labeled pixel of instance j -> j's
+    segment, 0 if dropped; a pixel of no instance -> its stuff segment, 0 for a thing class).
+    One transfer of the histogram to the host; no per-instance device work.
     """
     device = semantic.device
-    segments: List[dict] = []
+    C = num_classes
     J = instance_scores.numel()
-    is_thing = torch.zeros(num_classes, dtype=torch.bool, device=device)
-    is_thing[list(thing_ids)] = True
-    # segment id of every instance (index j + 1; 0 = dropped) and of every stuff class
-    instance_lut = torch.zeros(J + 1, dtype=torch.int32, device=device)
-    stuff_lut = torch.zeros(num_classes, dtype=torch.int32, device=device)
-    labeled = semantic >= 0
-    semantic = semantic.clamp(min=0)  # void pixels are masked out below by ``labeled``
+    is_thing = [False] * C
+    for c in thing_ids:
+        is_thing[c] = True
+    key = torch.add(semantic, instance_map, alpha=C + 1).add_(C + 2)
+    hist = torch.bincount(key.view(-1), minlength=(J + 1) * (C + 1)).view(J + 1, C + 1).cpu()
+    # segment id per (instance + 1, class + 1); row 0 = no instance, column 0 = void
+    lut = torch.zeros(J + 1, C + 1, dtype=torch.int32)
+    segments: List[dict] = []
     if J > 0:
-        inst = instance_map.flatten()
-        sel = (inst >= 0) & labeled.flatten()
-        votes = torch.bincount(
-            inst[sel] * num_classes + semantic.flatten()[sel], minlength=J * num_classes
-        ).view(J, num_classes)
-        votes[:, ~is_thing] = 0
+        votes = hist[1:, 1:] * torch.tensor(is_thing)  # [J, C], thing classes only
         areas = votes.sum(1).tolist()
         classes = votes.argmax(1).tolist()
+        scores = instance_scores.tolist()
         for j in instance_scores.argsort(descending=True).tolist():
             if areas[j] == 0 or areas[j] < cfg.thing_area:
                 continue
             seg_id = len(segments) + 1
-            instance_lut[j + 1] = seg_id
+            lut[j + 1, 1:] = seg_id
             segments.append(
                 {
                     "id": seg_id,
                     "category_id": classes[j],
                     "isthing": True,
-                    "score": float(instance_scores[j]),
+                    "score": scores[j],
                     "area": areas[j],
                 }
             )
-    stuff_pixels = (instance_map < 0) & labeled & ~is_thing[semantic]
-    stuff_areas = torch.bincount(semantic[stuff_pixels], minlength=num_classes).tolist()
-    for c, area in enumerate(stuff_areas):
-        if area == 0 or area < cfg.stuff_area:
+    for c, area in enumerate(hist[0, 1:].tolist()):  # labeled pixels of no instance
+        if is_thing[c] or area == 0 or area < cfg.stuff_area:
             continue
         seg_id = len(segments) + 1
-        stuff_lut[c] = seg_id
+        lut[0, c + 1] = seg_id
         segments.append(
             {"id": seg_id, "category_id": c, "isthing": False, "score": 1.0, "area": area}
         )
-    panoptic = torch.where(
-        stuff_pixels, stuff_lut[semantic], instance_lut[(instance_map + 1).clamp(min=0)]
-    )
-    panoptic = torch.where(labeled, panoptic, 0)
-    return panoptic, segments
+    return torch.take(lut.to(device), key), segments
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,9 +1218,7 @@ def _panoptic_batch(sem_seg_logits, instance_outputs, instance_fn, thing_ids, fu
     # :func:`panoptic_inference` on float32 inputs of one valid size, autocast off
     C = sem_seg_logits.shape[1]
     semantic = semantic_labels(sem_seg_logits)  # [N, H, W], -1 = void
-    is_thing = torch.zeros(C, dtype=torch.bool, device=semantic.device)
-    is_thing[list(thing_ids)] = True
-    thing_mask = is_thing[semantic.clamp(min=0)] & (semantic >= 0)
+    thing_mask = torch.take(_class_lut(C, thing_ids, semantic.device), semantic)  # void: False
     instances = instance_fn(sem_seg_logits, semantic, thing_mask, **instance_outputs)
     results = []
     for n, inst in enumerate(instances):
@@ -724,29 +1259,33 @@ def deeperlab_instances(
     """
     N, _, H, W = heatmap_logits.shape
     device = heatmap_logits.device
-    heat = heatmap_logits.sigmoid()
+    # short-range vote weights: probabilities, 0 below min_vote_prob (in place: one buffer)
+    short_w = torch.threshold_(heatmap_logits.sigmoid(), _float32_below(cfg.min_vote_prob), 0.0)
 
-    # 1. refined long-range offsets at thing pixels; predicted keypoints of those pixels
-    refined_long = torch.zeros_like(long_offsets)
-    pixel_kps = []
-    for n in range(N):
-        ys, xs = torch.nonzero(thing_mask[n], as_tuple=True)
+    # 1. refined long-range offsets at the thing pixels only: their predicted keypoints
+    # [P, T_n, 2] are both the long-range votes and what the pixel assignment compares
+    pn, py, px = torch.nonzero(thing_mask, as_tuple=True)  # by image, raster order
+    counts = torch.bincount(pn, minlength=N).tolist()
+    pixel_kps, by_type = [], []
+    for n, (ys, xs) in enumerate(zip(py.split(counts), px.split(counts))):
         lo = refine_long_offsets(long_offsets[n], short_offsets[n], ys, xs, cfg.refine_steps)
-        refined_long[n][:, :, ys, xs] = lo
-        pk = torch.stack([ys.to(lo.dtype)[None] + lo[:, 0], xs.to(lo.dtype)[None] + lo[:, 1]], -1)
-        pixel_kps.append((ys, xs, pk.transpose(0, 1)))  # [T, P, 2]
+        by_type.append(_pixel_keypoints(ys, xs, lo))  # [P, T, 2]: the long-range votes
+        pixel_kps.append((ys, xs, _transpose_pairs(by_type[-1])))  # [T, P, 2], contiguous
 
-    # 2-3. score maps and keypoint candidates
-    score_maps = hough_score_maps(heat, short_offsets, refined_long, thing_mask, cfg)
-    candidates = find_keypoints(score_maps, cfg)
+    # 2-3. score maps (dense short-range votes, sparse long-range votes) and keypoint candidates
+    long_votes = long_range_votes(by_type) if N else None
+    del by_type
+    score_maps, short_maps = _score_maps(short_w, short_offsets, long_votes, cfg)
+    del short_w, long_votes
+    candidates = find_keypoints(score_maps, cfg, short_maps)
 
     results = []
     for n in range(N):
+        ys, xs, pk = pixel_kps[n]
         kps, scores = group_instances(
-            candidates[n], score_maps[n], mid_offsets[n], short_offsets[n], cfg
+            candidates[n], short_maps[n], mid_offsets[n], short_offsets[n], cfg, pk
         )
         instance_map = torch.full((H, W), -1, dtype=torch.long, device=device)
-        ys, xs, pk = pixel_kps[n]
         if kps.shape[0] > 0 and ys.numel() > 0:
             instance_map[ys, xs] = assign_pixels(pk, kps, cfg.assign_chunk)
         results.append(
