@@ -358,6 +358,43 @@ def _validate_out_size_scale(op, out_size, scale) -> Tuple[int, int, float]:
     return out_h, out_w, scale
 
 
+def _splat_taps(out, py, px, weights, plane, out_h: int, out_w: int) -> None:
+    """The references' bilinear splat (one definition for both entry points): each vote of
+    weight ``weights`` at scaled position ``(py, px)`` adds to map ``plane`` of ``out``
+    (flattened ``[maps * out_h * out_w]``) on its 4 neighbouring cells; taps outside the grid
+    are dropped, non-finite positions and zero / non-finite weights cast nothing. ``plane`` is
+    broadcastable to ``py``; static shapes (invalid votes get weight 0)."""
+    # NaN/inf positions fail the range comparisons as well.
+    valid = (
+        (weights != 0)
+        & torch.isfinite(weights)
+        & (py > -1)
+        & (py < out_h)
+        & (px > -1)
+        & (px < out_w)
+    )
+    wgt = torch.where(valid, weights, 0.0)
+    py = torch.where(valid, py, 0.0)
+    px = torch.where(valid, px, 0.0)
+    y0f = torch.floor(py)
+    x0f = torch.floor(px)
+    ay = py - y0f
+    ax = px - x0f
+    y0 = y0f.long()
+    x0 = x0f.long()
+    plane_row = torch.where(valid, plane, 0) * out_h
+    for dy, wy in ((0, 1.0 - ay), (1, ay)):
+        yy = y0 + dy
+        rows = plane_row + yy
+        y_in = valid & (yy >= 0) & (yy < out_h)
+        for dx, wx in ((0, 1.0 - ax), (1, ax)):
+            xx = x0 + dx
+            inside = y_in & (xx >= 0) & (xx < out_w)
+            index = torch.where(inside, rows * out_w + xx, 0)
+            value = torch.where(inside, wy * wx * wgt, 0.0)
+            out.index_add_(0, index.reshape(-1), value.reshape(-1))
+
+
 def hough_voting_reference(
     offsets: torch.Tensor,
     weights: torch.Tensor,
@@ -391,35 +428,8 @@ def hough_voting_reference(
     xs = torch.arange(w, dtype=torch.float32, device=device).view(1, w)
     py = (ys + offsets[:, :, 0]) * scale
     px = (xs + offsets[:, :, 1]) * scale
-    # NaN/inf positions fail the range comparisons as well.
-    valid = (
-        (weights != 0)
-        & torch.isfinite(weights)
-        & (py > -1)
-        & (py < out_h)
-        & (px > -1)
-        & (px < out_w)
-    )
-    wgt = torch.where(valid, weights, 0.0)
-    py = torch.where(valid, py, 0.0)
-    px = torch.where(valid, px, 0.0)
-    y0f = torch.floor(py)
-    x0f = torch.floor(px)
-    ay = py - y0f
-    ax = px - x0f
-    y0 = y0f.long()
-    x0 = x0f.long()
-    plane_row = torch.arange(n * k, device=device).view(n, k, 1, 1) * out_h
-    for dy, wy in ((0, 1.0 - ay), (1, ay)):
-        yy = y0 + dy
-        rows = plane_row + yy
-        y_in = valid & (yy >= 0) & (yy < out_h)
-        for dx, wx in ((0, 1.0 - ax), (1, ax)):
-            xx = x0 + dx
-            inside = y_in & (xx >= 0) & (xx < out_w)
-            index = torch.where(inside, rows * out_w + xx, 0)
-            value = torch.where(inside, wy * wx * wgt, 0.0)
-            out.index_add_(0, index.reshape(-1), value.reshape(-1))
+    plane = torch.arange(n * k, device=device).view(n, k, 1, 1)
+    _splat_taps(out, py, px, weights, plane, out_h, out_w)
     return out.view(n, k, out_h, out_w)
 
 
@@ -542,35 +552,7 @@ def splat_points_reference(
 
     py = points[:, 0] * scale
     px = points[:, 1] * scale
-    # NaN/inf positions fail the range comparisons as well.
-    valid = (
-        (weights != 0)
-        & torch.isfinite(weights)
-        & (py > -1)
-        & (py < out_h)
-        & (px > -1)
-        & (px < out_w)
-    )
-    wgt = torch.where(valid, weights, 0.0)
-    py = torch.where(valid, py, 0.0)
-    px = torch.where(valid, px, 0.0)
-    y0f = torch.floor(py)
-    x0f = torch.floor(px)
-    ay = py - y0f
-    ax = px - x0f
-    y0 = y0f.long()
-    x0 = x0f.long()
-    plane_row = torch.where(valid, map_index, 0) * out_h
-    for dy, wy in ((0, 1.0 - ay), (1, ay)):
-        yy = y0 + dy
-        rows = plane_row + yy
-        y_in = valid & (yy >= 0) & (yy < out_h)
-        for dx, wx in ((0, 1.0 - ax), (1, ax)):
-            xx = x0 + dx
-            inside = y_in & (xx >= 0) & (xx < out_w)
-            index = torch.where(inside, rows * out_w + xx, 0)
-            value = torch.where(inside, wy * wx * wgt, 0.0)
-            out.index_add_(0, index, value)
+    _splat_taps(out, py, px, weights, map_index, out_h, out_w)
     return out.view(num_maps, out_h, out_w)
 
 
