@@ -4,35 +4,57 @@
 Usage::
 
     python datasets/prepare_synthetic.py [--root DIR] [--seed S] [--num-train N] [--num-val M]
-                                         [--height H] [--width W]
+                                         [--height H] [--width W] [--variant appearance|shape]
 
-It writes ``<root>/deeperlab_synthetic/`` (``root`` defaults to ``$DETECTRON2_DATASETS`` or
-``./datasets``)::
+It writes ``<root>/deeperlab_synthetic/`` (variant ``appearance``, the default) or
+``<root>/deeperlab_synthetic_shape/`` (variant ``shape``); ``root`` defaults to
+``$DETECTRON2_DATASETS`` or ``./datasets``::
 
     train/000000.jpg ...                 RGB images (JPEG, quality 95)
     panoptic_train/000000.png ...        COCO panoptic PNGs, id = R + 256 * G + 256**2 * B, 0 = void
     panoptic_semseg_train/000000.png ... contiguous semantic labels 0..C-1, 255 = void and crowd
-    annotations/panoptic_train.json      COCO panoptic json
+    annotations/panoptic_train.json      COCO panoptic json (``info.variant`` names the variant)
     annotations/instances_train.json     COCO detection json of the thing segments (RLE masks)
     ... and the same for ``val``.
 
 The output is a deterministic function of the arguments. Every image gets its own random
 generator seeded by ``(seed, split index, image index)``, so val never repeats train images.
+A rerun overwrites the split folders of its variant (there is no "already generated" check).
 
-What the images contain (the hard cases of panoptic segmentation):
+The two variants differ ONLY in how the things are painted: for the same arguments they have
+the same layouts, masks and annotations (identical PNGs and json annotations), and identical
+stuff pixels.
+
+* ``appearance`` (default): each thing class has its own appearance family
+  (:data:`THING_APPEARANCE`): a hue range (disc red / orange, ring blue, ell green, triangle
+  purple), saturation / value ranges and a texture type (disc: radial "dome" gradient, ring:
+  fine stripes within 20 degrees of horizontal, ell: checkerboard, triangle: dark dots), each
+  instance drawing its hue, saturation, value and texture phase / scale / orientation inside
+  the family, plus per-object linear shading and noise. Appearance is thus a strong cue that
+  real classes have too; a tiny CPU model learns it in the main job's budget.
+* ``shape``: random colours, per-object shading and sometimes random stripes: the thing classes
+  differ by shape alone. This is how the dataset was made before the variants existed (same
+  images and PNGs, byte for byte; the jsons differ in their ``info`` only); it remains the
+  harder benchmark.
+
+What the images contain (the hard cases of panoptic segmentation, in both variants):
 
 * stuff (sky / ground / wall) separated by random wavy boundaries, told apart by their
   texture (smooth gradient / high-frequency noise / bricks) since their colours are random;
-* 4..14 things (disc, ring, ell, triangle) of log-uniform sizes between 8 and 110 px, with
-  random colours and per-object shading, painted in z-order (later ones occlude earlier ones),
-  some placed deliberately next to / over an earlier one, some cut by the image border;
+* 4..14 things (disc, ring, ell, triangle) of log-uniform sizes between 8 and 110 px, painted
+  as described above, in z-order (later ones occlude earlier ones), some placed deliberately
+  next to / over an earlier one (touching instances, often of one class), some cut by the
+  image border;
 * things whose visible area ends up below ``MIN_AREA`` pixels become void;
 * in about a quarter of the images a crowd: a cluster of small shapes of one thing class
-  labelled as a single ``iscrowd=1`` segment;
+  (painted in that class's family in the ``appearance`` variant) labelled as a single
+  ``iscrowd=1`` segment;
 * sometimes a 2-3 px void band along a stuff boundary; a few images without any thing.
 """
 
 import argparse
+import colorsys
+import copy
 import importlib.util
 import json
 import math
@@ -47,17 +69,18 @@ import numpy as np
 from PIL import Image
 
 
-def _load_categories() -> List[dict]:
-    """The category list shared with the Detectron2 registration code.
+def _load_categories_module():
+    """The module of categories / folder names shared with the Detectron2 registration code.
 
     It is read from ``deeperlab_d2/data/datasets/synthetic_categories.py`` next to this script,
     by path: that module needs only the standard library, whereas importing it through the
     ``deeperlab_d2`` package would first import torch and detectron2 (seconds, and a working
-    install). Falls back to ``from deeperlab_d2.data.datasets.synthetic_categories import
-    SYNTHETIC_CATEGORIES`` when the script is used outside the repository.
+    install). Falls back to ``import deeperlab_d2.data.datasets.synthetic_categories`` when the
+    script is used outside the repository.
 
     Returns:
-        list[dict]: the COCO-style categories of the synthetic dataset.
+        module: with ``SYNTHETIC_CATEGORIES`` (the COCO-style categories of the synthetic
+        dataset) and ``SYNTHETIC_VARIANT_DIRNAMES`` (variant -> dataset folder name).
     """
     path = (
         Path(__file__).resolve().parents[1] / "deeperlab_d2/data/datasets/synthetic_categories.py"
@@ -66,18 +89,24 @@ def _load_categories() -> List[dict]:
         spec = importlib.util.spec_from_file_location("_deeperlab_synthetic_categories", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.SYNTHETIC_CATEGORIES
-    from deeperlab_d2.data.datasets.synthetic_categories import SYNTHETIC_CATEGORIES
+        return module
+    from deeperlab_d2.data.datasets import synthetic_categories
 
-    return SYNTHETIC_CATEGORIES
+    return synthetic_categories
 
 
-CATEGORIES: List[dict] = _load_categories()
+_CATEGORIES_MODULE = _load_categories_module()
+CATEGORIES: List[dict] = _CATEGORIES_MODULE.SYNTHETIC_CATEGORIES
 THING_CATEGORIES = [c for c in CATEGORIES if c["isthing"]]
 STUFF_CATEGORIES = [c for c in CATEGORIES if not c["isthing"]]
 CONTIGUOUS_ID = {c["id"]: i for i, c in enumerate(CATEGORIES)}
 
-DATASET_DIRNAME = "deeperlab_synthetic"
+# variant -> dataset folder: "appearance" -> deeperlab_synthetic (the default),
+# "shape" -> deeperlab_synthetic_shape
+VARIANT_DIRNAMES: Dict[str, str] = dict(_CATEGORIES_MODULE.SYNTHETIC_VARIANT_DIRNAMES)
+VARIANTS = tuple(VARIANT_DIRNAMES)
+DEFAULT_VARIANT = "appearance"
+DATASET_DIRNAME = VARIANT_DIRNAMES[DEFAULT_VARIANT]
 SPLIT_INDEX = {"train": 0, "val": 1}
 
 MIN_AREA = 24  # things (and stuff) with fewer visible pixels become void
@@ -255,19 +284,171 @@ THING_SHAPES = {
 }
 
 
-def _thing_texture(
-    rng: np.random.Generator, dx: np.ndarray, dy: np.ndarray, radius: float, base: np.ndarray
+# ------------------------------------------------------------------------------------------
+# thing appearance
+# ------------------------------------------------------------------------------------------
+# Variant "appearance": each thing class has a family of looks, i.e. a hue range (degrees;
+# the ranges do not overlap but leave gaps of only 17-49 degrees), saturation and value
+# ranges and a texture type with class-specific parameter ranges. Every instance draws its own
+# hue / saturation / value / texture phase, scale and orientation inside the family, and keeps
+# the per-object linear shading and pixel noise of the "shape" variant, so that two touching
+# instances of one class still differ. Variant "shape": random colours (the family is None).
+THING_APPEARANCE: Dict[str, dict] = {
+    # warm red / orange, smooth radial gradient (a lit, dome-like look)
+    "disc": {"hue": (10.0, 28.0), "texture": "radial", "strength": (0.35, 0.7)},
+    # blue, fine stripes within +-20 degrees of horizontal
+    "ring": {
+        "hue": (215.0, 28.0),
+        "texture": "stripes",
+        "orientation": (90.0, 20.0),  # direction of the stripes' normal, degrees
+        "period": (3.5, 6.0),
+        "amplitude": (25.0, 45.0),
+    },
+    # green, checkerboard
+    "ell": {
+        "hue": (115.0, 28.0),
+        "texture": "checker",
+        "cell": (2.5, 5.0),
+        "amplitude": (20.0, 40.0),
+    },
+    # purple / magenta, dark dots on a grid
+    "triangle": {
+        "hue": (285.0, 25.0),
+        "texture": "dots",
+        "spacing": (5.0, 8.0),
+        "dot_radius": (0.25, 0.4),  # fraction of the spacing
+        "amplitude": (35.0, 60.0),
+    },
+}
+THING_SATURATION = (0.5, 0.95)
+THING_VALUE = (0.5, 0.95)
+
+
+def _hsv_color(hue_deg: float, saturation: float, value: float) -> np.ndarray:
+    rgb = colorsys.hsv_to_rgb((hue_deg % 360.0) / 360.0, saturation, value)
+    return np.asarray(rgb, dtype=np.float32) * 255.0
+
+
+def _thing_look(rng: np.random.Generator, name: str) -> dict:
+    """One instance's look inside the appearance family of class ``name``.
+
+    Args:
+        rng: the image's paint generator (not the layout generator: see :func:`generate_image`).
+        name: thing class name, a key of :data:`THING_APPEARANCE`.
+
+    Returns:
+        dict: ``hue``, ``saturation``, ``value``, ``color`` (float32 RGB) and the texture
+        parameters (``texture`` and its type's parameters, phases and orientation in radians).
+    """
+    fam = THING_APPEARANCE[name]
+    centre, half = fam["hue"]
+    look = {
+        "texture": fam["texture"],
+        "hue": centre + rng.uniform(-half, half),
+        "saturation": rng.uniform(*THING_SATURATION),
+        "value": rng.uniform(*THING_VALUE),
+    }
+    texture = fam["texture"]
+    if texture == "radial":
+        look["strength"] = rng.uniform(*fam["strength"])
+        look["highlight"] = (rng.uniform(0.0, 0.4), rng.uniform(0, 2 * math.pi))
+    elif texture == "stripes":
+        centre_o, half_o = fam["orientation"]
+        look["angle"] = math.radians(centre_o + rng.uniform(-half_o, half_o))
+        look["period"] = rng.uniform(*fam["period"])
+        look["amplitude"] = rng.uniform(*fam["amplitude"])
+        look["phase"] = rng.uniform(0, 2 * math.pi)
+    elif texture == "checker":
+        look["cell"] = rng.uniform(*fam["cell"])
+        look["angle"] = rng.uniform(-0.3, 0.3)
+        look["amplitude"] = rng.uniform(*fam["amplitude"])
+        look["phase"] = tuple(rng.uniform(0, 2, size=2))
+    elif texture == "dots":
+        look["spacing"] = rng.uniform(*fam["spacing"])
+        look["dot_radius"] = rng.uniform(*fam["dot_radius"])
+        look["angle"] = rng.uniform(0, math.pi / 2)
+        look["amplitude"] = rng.uniform(*fam["amplitude"])
+        look["phase"] = tuple(rng.uniform(0, 1, size=2))
+    else:
+        raise ValueError(f"unknown thing texture {texture!r}")
+    look["color"] = _hsv_color(look["hue"], look["saturation"], look["value"])
+    return look
+
+
+def _jitter_look(rng: np.random.Generator, look: dict) -> dict:
+    """A crowd member's look: the crowd's look with a little hue / value / phase jitter."""
+    member = dict(look)
+    member["hue"] = look["hue"] + rng.uniform(-6.0, 6.0)
+    member["value"] = float(np.clip(look["value"] * rng.uniform(0.9, 1.1), 0.3, 1.0))
+    member["color"] = _hsv_color(member["hue"], member["saturation"], member["value"])
+    if "phase" in look:
+        member["phase"] = (
+            rng.uniform(0, 2 * math.pi)
+            if look["texture"] == "stripes"
+            else tuple(rng.uniform(0, 2, size=2))
+        )
+    return member
+
+
+def _look_image(
+    look: dict, dx: np.ndarray, dy: np.ndarray, radius: float, shade: np.ndarray
 ) -> np.ndarray:
-    """Per-object appearance: base colour, linear shading, optional stripes, mild noise."""
+    """Paint a family look on the patch: colour times shading, plus the class texture."""
+    texture = look["texture"]
+    img = look["color"] * shade[..., None]
+    if texture == "radial":
+        off, direction = look["highlight"]
+        hx, hy = off * radius * math.cos(direction), off * radius * math.sin(direction)
+        r2 = ((dx - hx) ** 2 + (dy - hy) ** 2) / max(radius, 1.0) ** 2
+        dome = np.clip(1.0 - r2, 0.0, 1.0) - 0.5
+        return img * (1.0 + look["strength"] * dome)[..., None]
+    if texture == "stripes":
+        angle = look["angle"]
+        proj = dx * math.cos(angle) + dy * math.sin(angle)
+        pattern = np.sin(2 * math.pi * proj / look["period"] + look["phase"])
+    elif texture == "checker":
+        u, v = _rotate(dx, dy, look["angle"])
+        iu = np.floor(u / look["cell"] + look["phase"][0])
+        iv = np.floor(v / look["cell"] + look["phase"][1])
+        pattern = 2.0 * ((iu + iv) % 2) - 1.0
+    else:  # dots: darker dots on a (rotated) square grid
+        u, v = _rotate(dx, dy, look["angle"])
+        fu = (u / look["spacing"] + look["phase"][0]) % 1.0 - 0.5
+        fv = (v / look["spacing"] + look["phase"][1]) % 1.0 - 0.5
+        pattern = -(fu * fu + fv * fv <= look["dot_radius"] ** 2).astype(np.float32)
+    return img + look["amplitude"] * pattern[..., None]
+
+
+def _thing_texture(
+    rng: np.random.Generator,
+    dx: np.ndarray,
+    dy: np.ndarray,
+    radius: float,
+    base: np.ndarray,
+    look: Optional[dict] = None,
+) -> np.ndarray:
+    """Per-object appearance: linear shading and mild noise over a colour and a texture.
+
+    Variant "shape" (``look`` None): base colour, linear shading, optional stripes (30 %).
+    Variant "appearance": ``look`` (see :func:`_thing_look`) replaces ``base`` and the stripes.
+    Both variants draw exactly the same numbers from ``rng``, the layout generator, so that
+    they produce identical layouts and annotations.
+    """
     phi = rng.uniform(0, 2 * math.pi)
     strength = rng.uniform(0.15, 0.45)
     shade = 1.0 + strength * (dx * math.cos(phi) + dy * math.sin(phi)) / max(radius, 1.0)
-    img = base * shade[..., None]
+    stripes = None
     if rng.random() < 0.3:
         psi = rng.uniform(0, 2 * math.pi)
         period = rng.uniform(3.0, 8.0)
         stripes = np.sin(2 * math.pi * (dx * math.cos(psi) + dy * math.sin(psi)) / period)
-        img = img + rng.uniform(15, 40) * stripes[..., None]
+        amplitude = rng.uniform(15, 40)
+    if look is None:
+        img = base * shade[..., None]
+        if stripes is not None:
+            img = img + amplitude * stripes[..., None]
+    else:
+        img = _look_image(look, dx, dy, radius, shade)
     return img + rng.normal(0.0, 3.0, size=img.shape).astype(np.float32)
 
 
@@ -281,8 +462,13 @@ def _paint(
     cx: float,
     cy: float,
     base: np.ndarray,
+    look: Optional[dict] = None,
 ) -> None:
-    """Paint one shape centred at (cx, cy) over ``image`` and mark ``owner`` with ``index``."""
+    """Paint one shape centred at (cx, cy) over ``image`` and mark ``owner`` with ``index``.
+
+    ``base`` is the random colour of the "shape" variant; ``look`` (the "appearance" variant)
+    replaces it when given.
+    """
     h, w = owner.shape
     r = radius + 1.0
     x0, x1 = max(0, int(math.floor(cx - r))), min(w, int(math.ceil(cx + r)) + 1)
@@ -295,7 +481,7 @@ def _paint(
     mask = mask_fn(dx, dy)
     if not mask.any():
         return
-    tex = _thing_texture(rng, dx, dy, radius, base)
+    tex = _thing_texture(rng, dx, dy, radius, base, look)
     image[y0:y1, x0:x1][mask] = tex[mask]
     owner[y0:y1, x0:x1][mask] = index
 
@@ -378,8 +564,14 @@ def generate_image(
     crowd_prob: float = 0.25,
     empty_prob: float = 0.05,
     void_band_prob: float = 0.3,
+    variant: str = DEFAULT_VARIANT,
 ) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
     """Generate one synthetic image with its panoptic annotation.
+
+    The two variants draw the same numbers from ``rng`` (the layout generator): for the same
+    ``rng`` state they give the same stuff, the same things at the same places, hence the same
+    ``pan`` and ``segments``; only the pixels of the things differ. The looks of the
+    "appearance" variant come from a second, "paint" generator seeded from a copy of ``rng``.
 
     Args:
         rng: the image's random generator (the only source of randomness).
@@ -387,12 +579,21 @@ def generate_image(
         crowd_prob: probability that the image contains one crowd region.
         empty_prob: probability that the image contains no thing at all (nor a crowd).
         void_band_prob: probability of a thin void band along the main stuff boundary.
+        variant: ``"appearance"`` (each thing class has its own colour / texture family, see
+            :data:`THING_APPEARANCE`) or ``"shape"`` (random colours: only the shape tells the
+            thing classes apart).
 
     Returns:
         tuple: ``(image, pan, segments)``: uint8 (H, W, 3) RGB image, int64 (H, W) panoptic
         segment ids (0 = void) and a list of ``{"id", "category_id", "iscrowd"}`` dicts, one per
         id present in ``pan``.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
+    paint_rng = None
+    if variant == "appearance":
+        # seeded from a copy: ``rng`` itself is not advanced, so the layout stays the same
+        paint_rng = np.random.default_rng(int(copy.deepcopy(rng).integers(2**63)))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     image, stuff = _stuff_layout(rng, yy, xx, void_band_prob)
 
@@ -415,8 +616,9 @@ def generate_image(
     # --- paint ------------------------------------------------------------------------------
     owner = np.full((height, width), -1, dtype=np.int32)
     placed: List[Tuple[float, float, float]] = []
-    for index, (_cat, shapes, iscrowd) in enumerate(items):
-        base = _random_color(rng, 20, 235)
+    for index, (cat, shapes, iscrowd) in enumerate(items):
+        base = _random_color(rng, 20, 235)  # drawn in both variants (same layout stream)
+        look = _thing_look(paint_rng, cat["name"]) if paint_rng is not None else None
         if iscrowd:
             spread = rng.uniform(10, 30)
             ccx = rng.uniform(spread, width - spread)
@@ -424,13 +626,14 @@ def generate_image(
             for mask_fn, radius in shapes:
                 r, a = spread * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
                 color = np.clip(base + rng.normal(0, 20, size=3), 0, 255).astype(np.float32)
+                member = _jitter_look(paint_rng, look) if look is not None else None
                 cx, cy = ccx + r * math.cos(a), ccy + r * math.sin(a)
-                _paint(rng, image, owner, index, mask_fn, radius, cx, cy, color)
+                _paint(rng, image, owner, index, mask_fn, radius, cx, cy, color, member)
             placed.append((ccx, ccy, spread))
         else:
             mask_fn, radius = shapes[0]
             cx, cy = _place(rng, radius, placed, height, width)
-            _paint(rng, image, owner, index, mask_fn, radius, cx, cy, base)
+            _paint(rng, image, owner, index, mask_fn, radius, cx, cy, base, look)
             placed.append((cx, cy, radius))
 
     # --- label map ----------------------------------------------------------------------------
@@ -524,18 +727,20 @@ def generate_split(
     crowd_prob: float = 0.25,
     empty_prob: float = 0.05,
     void_band_prob: float = 0.3,
+    variant: str = DEFAULT_VARIANT,
 ) -> Dict[str, float]:
     """Write one split of the dataset under ``dataset_dir`` (see the module docstring).
 
     Any previous content of the split's image / PNG folders is removed first.
 
     Args:
-        dataset_dir: the ``deeperlab_synthetic`` folder.
+        dataset_dir: the dataset folder (``deeperlab_synthetic`` or ``deeperlab_synthetic_shape``).
         split: ``"train"`` or ``"val"``; selects the derived seed.
         num_images: number of images.
         height, width: image size.
         seed: base seed; image ``i`` uses ``np.random.default_rng([seed, split_index, i])``.
-        crowd_prob, empty_prob, void_band_prob: see :func:`generate_image`.
+        crowd_prob, empty_prob, void_band_prob, variant: see :func:`generate_image`. The
+            variant changes only the images (``.jpg``), not the annotations.
 
     Returns:
         dict: statistics (``images``, ``instances``, ``crowd``, ``empty_images``,
@@ -560,7 +765,7 @@ def generate_split(
     for i in range(num_images):
         rng = np.random.default_rng([seed, SPLIT_INDEX.get(split, len(SPLIT_INDEX)), i])
         image, pan, segments = generate_image(
-            rng, height, width, crowd_prob, empty_prob, void_band_prob
+            rng, height, width, crowd_prob, empty_prob, void_band_prob, variant
         )
         stem = f"{i:06d}"
         Image.fromarray(image).save(dirs["image"] / f"{stem}.jpg", quality=JPEG_QUALITY)
@@ -595,8 +800,12 @@ def generate_split(
         pan_anns.append({"image_id": i, "file_name": f"{stem}.png", "segments_info": segments_info})
 
     info = {
-        "description": f"deeperlab_d2 synthetic panoptic dataset, split {split}, seed {seed}",
-        "version": "1.0",
+        "description": (
+            f"deeperlab_d2 synthetic panoptic dataset, variant {variant}, split {split}, "
+            f"seed {seed}"
+        ),
+        "version": "2.0",
+        "variant": variant,
     }
     categories = [dict(c) for c in CATEGORIES]
     _write_json(
@@ -630,9 +839,10 @@ def prepare_synthetic(
     height: int = 192,
     width: int = 256,
     verbose: bool = True,
+    variant: str = DEFAULT_VARIANT,
     **kwargs,
 ) -> Path:
-    """Generate both splits under ``<root>/deeperlab_synthetic``.
+    """Generate both splits of a variant under ``<root>/<VARIANT_DIRNAMES[variant]>``.
 
     Args:
         root: datasets root; defaults to :func:`default_root`.
@@ -640,18 +850,22 @@ def prepare_synthetic(
         num_train, num_val: number of images per split.
         height, width: image size.
         verbose: print a one-line summary per split.
+        variant: ``"appearance"`` (default; written to ``deeperlab_synthetic``) or ``"shape"``
+            (written to ``deeperlab_synthetic_shape``), see :func:`generate_image`.
         **kwargs: forwarded to :func:`generate_split` (``crowd_prob``, ``empty_prob``,
             ``void_band_prob``).
 
     Returns:
         Path: the dataset folder.
     """
-    dataset_dir = Path(root if root is not None else default_root()) / DATASET_DIRNAME
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}, expected one of {VARIANTS}")
+    dataset_dir = Path(root if root is not None else default_root()) / VARIANT_DIRNAMES[variant]
     for split, num in (("train", num_train), ("val", num_val)):
-        s = generate_split(dataset_dir, split, num, height, width, seed, **kwargs)
+        s = generate_split(dataset_dir, split, num, height, width, seed, variant=variant, **kwargs)
         if verbose:
             print(
-                f"[prepare_synthetic] {split}: {s['images']} images ({height}x{width}), "
+                f"[prepare_synthetic] {variant} {split}: {s['images']} images ({height}x{width}), "
                 f"{s['instances']} instances ({s['small_instances']} under 64x64 px), "
                 f"{s['crowd']} crowd regions, {s['empty_images']} images without things, "
                 f"{100 * s['void_fraction']:.1f}% void pixels, {s['seconds']:.1f}s "
@@ -675,11 +889,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--num-val", type=int, default=40)
     parser.add_argument("--height", type=int, default=192)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=DEFAULT_VARIANT,
+        help="appearance (default): each thing class has its own colour / texture family, "
+        f"written to {VARIANT_DIRNAMES['appearance']}/; shape: random colours, thing classes "
+        f"differ by shape only (the harder benchmark), written to {VARIANT_DIRNAMES['shape']}/",
+    )
     args = parser.parse_args(argv)
     if args.root is None:
         args.root = default_root()
     prepare_synthetic(
-        args.root, args.seed, args.num_train, args.num_val, args.height, args.width, verbose=True
+        args.root,
+        args.seed,
+        args.num_train,
+        args.num_val,
+        args.height,
+        args.width,
+        verbose=True,
+        variant=args.variant,
     )
 
 

@@ -2,14 +2,19 @@
 
 ``deeperlab_synthetic_train`` / ``deeperlab_synthetic_val`` live under
 ``$DETECTRON2_DATASETS/deeperlab_synthetic`` (default ``./datasets``); generate them with
-``python datasets/prepare_synthetic.py``. ``mapillary_vistas_panoptic_train`` /
-``mapillary_vistas_panoptic_val`` (Mapillary Vistas v1.2) live under
-``$DETECTRON2_DATASETS/mapillary_vistas``; prepare them with
+``python datasets/prepare_synthetic.py`` (the default "appearance" variant: thing classes differ
+in shape and in colour / texture family). ``deeperlab_synthetic_shape_train`` /
+``deeperlab_synthetic_shape_val`` are the "shape" variant (random colours, thing classes differ
+by shape only; the same annotations), under ``$DETECTRON2_DATASETS/deeperlab_synthetic_shape``;
+generate them with ``python datasets/prepare_synthetic.py --variant shape``.
+``mapillary_vistas_panoptic_train`` / ``mapillary_vistas_panoptic_val`` (Mapillary Vistas v1.2)
+live under ``$DETECTRON2_DATASETS/mapillary_vistas``; prepare them with
 ``python datasets/prepare_mapillary_vistas.py``. COCO panoptic and Cityscapes panoptic are
 registered by detectron2 itself (``coco_2017_*_panoptic``, ``cityscapes_fine_panoptic_*``).
 """
 
 import os
+from typing import Dict, List
 
 from .mapillary_vistas import (
     get_mapillary_vistas_metadata,
@@ -18,12 +23,18 @@ from .mapillary_vistas import (
     read_mapillary_vistas_categories,
     register_mapillary_vistas_panoptic,
 )
+from .registration import register_panoptic_split
 from .synthetic import (
     SYNTHETIC_CATEGORIES,
     get_synthetic_metadata,
     load_deeperlab_synthetic,
     register_deeperlab_synthetic,
     synthetic_split_paths,
+)
+from .synthetic_categories import (
+    SYNTHETIC_DATASET_NAME,
+    SYNTHETIC_SHAPE_DATASET_NAME,
+    SYNTHETIC_SPLITS,
 )
 
 __all__ = [
@@ -36,9 +47,71 @@ __all__ = [
     "read_mapillary_vistas_categories",
     "register_all",
     "register_deeperlab_synthetic",
+    "register_deeperlab_synthetic_shape",
     "register_mapillary_vistas_panoptic",
+    "synthetic_shape_split_paths",
     "synthetic_split_paths",
 ]
+
+
+def synthetic_shape_split_paths(root: str, split: str) -> Dict[str, str]:
+    """Paths of one split of the "shape" variant of the synthetic dataset.
+
+    The same layout as :func:`synthetic_split_paths`, under ``<root>/deeperlab_synthetic_shape``
+    instead of ``<root>/deeperlab_synthetic``.
+    """
+    root = os.path.expanduser(root)
+    default_base = os.path.join(root, SYNTHETIC_DATASET_NAME)
+    shape_base = os.path.join(root, SYNTHETIC_SHAPE_DATASET_NAME)
+    return {
+        key: os.path.join(shape_base, os.path.relpath(path, default_base))
+        for key, path in synthetic_split_paths(root, split).items()
+    }
+
+
+def register_deeperlab_synthetic_shape(
+    root: str, prefix: str = SYNTHETIC_SHAPE_DATASET_NAME
+) -> List[str]:
+    """Register ``<prefix>_train`` and ``<prefix>_val``: the "shape" variant of the synthetic
+    dataset (``python datasets/prepare_synthetic.py --variant shape``), thing classes that
+    differ by shape only, under random colours: a harder benchmark than the default variant.
+
+    Lazy like :func:`register_deeperlab_synthetic` (same metadata, same loader): the files are
+    read by ``DatasetCatalog.get``, which raises a :class:`FileNotFoundError` that names the
+    command to run if the variant has not been generated. Registered names are replaced.
+
+    Args:
+        root: datasets root (the folder that contains ``deeperlab_synthetic_shape``).
+        prefix: dataset name prefix.
+
+    Returns:
+        list[str]: the registered dataset names.
+    """
+    names = []
+    for split in SYNTHETIC_SPLITS:
+        name = f"{prefix}_{split}"
+        paths = synthetic_shape_split_paths(root, split)
+        meta = get_synthetic_metadata()
+
+        def _load(paths=paths, meta=meta):
+            if not os.path.isfile(paths["panoptic_json"]):
+                raise FileNotFoundError(
+                    f"Synthetic panoptic annotations (shape variant) not found: "
+                    f"{paths['panoptic_json']}. Generate them first with `python "
+                    f"datasets/prepare_synthetic.py --variant shape --root <datasets root>` (the "
+                    f"root is $DETECTRON2_DATASETS, default ./datasets)."
+                )
+            return load_deeperlab_synthetic(
+                paths["panoptic_json"],
+                paths["image_root"],
+                paths["panoptic_root"],
+                paths["sem_seg_root"],
+                meta,
+            )
+
+        register_panoptic_split(name, _load, {**paths, **meta})
+        names.append(name)
+    return names
 
 
 def register_all(root: str) -> None:
@@ -51,6 +124,8 @@ def register_all(root: str) -> None:
 
     if "deeperlab_synthetic_train" not in DatasetCatalog.list():
         register_deeperlab_synthetic(root)
+    if "deeperlab_synthetic_shape_train" not in DatasetCatalog.list():
+        register_deeperlab_synthetic_shape(root)
     if "mapillary_vistas_panoptic_train" not in DatasetCatalog.list():
         register_mapillary_vistas_panoptic(root)
 

@@ -12,7 +12,8 @@ dataset-id -> contiguous-id mapping is exercised. The contiguous order is the or
 from typing import Dict, List, Tuple
 
 SYNTHETIC_CATEGORIES: List[dict] = [
-    # things: random colour + per-object shading; the shape is what defines the class
+    # things: the shape defines the class; in the default "appearance" variant each class also
+    # has its own colour / texture family, in the "shape" variant colours are random
     {"id": 1, "name": "disc", "isthing": 1, "color": [220, 20, 60], "supercategory": "shape"},
     # annulus: its centre of mass lies in the hole, outside the mask
     {"id": 2, "name": "ring", "isthing": 1, "color": [0, 0, 230], "supercategory": "shape"},
@@ -29,6 +30,13 @@ SYNTHETIC_CATEGORIES: List[dict] = [
 ]
 
 SYNTHETIC_DATASET_NAME = "deeperlab_synthetic"
+SYNTHETIC_SHAPE_DATASET_NAME = "deeperlab_synthetic_shape"
+# variant of ``datasets/prepare_synthetic.py --variant`` -> its folder under the datasets root
+# (also the prefix of its registered dataset names)
+SYNTHETIC_VARIANT_DIRNAMES: Dict[str, str] = {
+    "appearance": SYNTHETIC_DATASET_NAME,  # the default: things differ in appearance too
+    "shape": SYNTHETIC_SHAPE_DATASET_NAME,  # things differ by shape only (random colours)
+}
 SYNTHETIC_SPLITS = ("train", "val")
 
 
