@@ -2,7 +2,9 @@
 
 ``deeperlab_d2._C`` holds the keypoint Hough-voting ops ``hough_voting`` and ``splat_points``
 (``deeperlab_d2/layers/csrc``): the CPU kernels always, the CUDA kernels too when nvcc is found
-(``CUDA_HOME``, or ``FORCE_CUDA=1``). ``DEEPERLAB_NO_CUDA=1`` builds the CPU kernels only.
+(``CUDA_HOME``, or ``FORCE_CUDA=1``). ``DEEPERLAB_NO_CUDA=1`` builds the CPU kernels only. It
+also holds the fused CPU kernels of the post-processing, ``class_argmax`` and ``keypoint_votes``
+(``postprocess_cpu.cpp``; on other devices the post-processing composes the ops above).
 
 GPU architectures: when ``TORCH_CUDA_ARCH_LIST`` is unset, the CUDA kernels are built for
 ``"8.0;9.0+PTX"`` (DEFAULT_CUDA_ARCH_LIST), whether or not a GPU is visible: machine code (SASS)
@@ -57,7 +59,10 @@ def _build_cuda():
 
 
 def get_extensions():
-    sources = [os.path.join(CSRC, name) for name in ("hough_voting.cpp", "splat_points.cpp")]
+    sources = [
+        os.path.join(CSRC, name)
+        for name in ("hough_voting.cpp", "splat_points.cpp", "postprocess_cpu.cpp")
+    ]
     define_macros = []
     # -fno-trapping-math lets GCC vectorize the branch-free first pass of the CPU kernel (NaN/inf
     # are still handled exactly: it only drops the assumption that FP exceptions are observed).

@@ -193,42 +193,33 @@ def bench_size(h, w, repeats, rng):
     rows.append(("read-once floor: sum() of every head output", floor_ms))
 
     # stages (single image), as deeperlab_panoptic_inference runs them
-    C = sem_logits.shape[1]
     rows.append(
         (
-            "1 semantic labels + thing mask",
-            timeit(
-                lambda: torch.take(
-                    pp._class_lut(C, THING_IDS, "cpu"), pp.semantic_labels(sem_logits)
-                ),
-                repeats,
-            ),
+            "1 semantic labels + thing mask (class_argmax)",
+            timeit(lambda: pp.classify_pixels(sem_logits, THING_IDS), repeats),
         )
     )
-    semantic = pp.semantic_labels(sem_logits)
-    thing_mask = torch.take(pp._class_lut(C, THING_IDS, "cpu"), semantic)
+    semantic, thing_mask = pp.classify_pixels(sem_logits, THING_IDS)
     ys, xs = torch.nonzero(thing_mask[0], as_tuple=True)
+    pixels = ys * w + xs
 
-    def refine():
-        lo = pp.refine_long_offsets(long[0], short[0], ys, xs, cfg.refine_steps)
-        pix = pp._pixel_keypoints(ys, xs, lo)  # [P, T, 2]
-        # the long-range votes, and the [T, P, 2] layout the grouping and the assignment take
-        return pp.long_range_votes([pix]), pp._transpose_pairs(pix)
-
-    rows.append(("2 long-range refinement + long votes (thing pixels)", timeit(refine, repeats)))
-    long_votes, pk = refine()
-
-    def score_maps():
-        heat = heat_logits.sigmoid()
-        return pp.hough_score_maps(heat, short, None, None, cfg, long_votes=long_votes)
+    def votes(use_compiled=None):
+        return pp.keypoint_votes(heat_logits[0], short[0], long[0], pixels, cfg, use_compiled)
 
     rows.append(
         (
-            "3 Hough score maps (sigmoid, dense short + sparse long votes)",
-            timeit(score_maps, repeats),
+            "2-3 refined keypoints of the thing pixels + Hough score maps (keypoint_votes)",
+            timeit(votes, repeats),
         )
     )
-    maps, short_maps = score_maps()
+    rows.append(
+        (
+            "2-3 the same, composed of the ops (keypoint_votes_reference; runs on CUDA)",
+            timeit(lambda: votes(False), repeats),
+        )
+    )
+    fused, short_map, pk = votes()
+    maps, short_maps = fused[None], short_map[None]
     rows.append(
         (
             "4 keypoints (peaks, scores)",
@@ -343,6 +334,9 @@ def main(argv=None):
             f"{r['pdl_ms'] / r['floor_ms']:.0f}x the floor, {r['pdl_ms'] / r['whole_ms']:.1f}x "
             "DeeperLab's"
         )
+        if (h, w) == (1025, 2049):
+            verdict = "met" if r["whole_ms"] <= 150 else "NOT met"
+            print(f"issue #10 target (whole post-processing <= 150 ms at this size): {verdict}")
         print(
             f"ratios: op vs reference {r['op_speedup']:.1f}x; DeeperLab vs Panoptic-DeepLab "
             f"post-processing {r['post_speedup']:.1f}x; peak extra memory: DeeperLab "

@@ -221,7 +221,44 @@ def _kernel_device_types(op_name, registered):
 _KERNEL_DEVICE_TYPES = _kernel_device_types(_OP_NAME, HAS_COMPILED_OP)
 _SPLAT_KERNEL_DEVICE_TYPES = _kernel_device_types(_SPLAT_OP_NAME, _HAS_SPLAT_OP)
 
-_OPS = ("hough_voting", "splat_points")
+# The fused post-processing kernels (csrc/postprocess_cpu.cpp: CPU only; on other devices the
+# post-processing composes the ops above): device types with a kernel, per op.
+_FUSED_OPS = ("class_argmax", "keypoint_votes")
+_FUSED_KERNEL_DEVICE_TYPES = {
+    name: _kernel_device_types(
+        f"deeperlab_d2::{name}",
+        _C is not None and torch._C._dispatch_has_kernel(f"deeperlab_d2::{name}"),
+    )
+    for name in _FUSED_OPS
+}
+
+_OPS = ("hough_voting", "splat_points") + _FUSED_OPS
+
+if _FUSED_KERNEL_DEVICE_TYPES["class_argmax"]:
+
+    @torch.library.register_fake("deeperlab_d2::class_argmax")
+    def _class_argmax_fake(logits, flags):
+        torch._check(logits.dim() == 4, lambda: "class_argmax: logits must be [N, C, H, W]")
+        n, _, h, w = logits.shape
+        return (
+            logits.new_empty((n, h, w), dtype=torch.long),
+            logits.new_empty((n, h, w), dtype=torch.bool),
+        )
+
+
+if _FUSED_KERNEL_DEVICE_TYPES["keypoint_votes"]:
+
+    @torch.library.register_fake("deeperlab_d2::keypoint_votes")
+    def _keypoint_votes_fake(heatmap_logits, short_offsets, long_offsets, pixels, *args):
+        torch._check(
+            heatmap_logits.dim() == 3, lambda: "keypoint_votes: heatmap_logits must be [P, H, W]"
+        )
+        p = heatmap_logits.shape[0]
+        return (
+            torch.empty_like(heatmap_logits),
+            torch.empty_like(heatmap_logits),
+            heatmap_logits.new_empty((pixels.shape[0], p, 2)),
+        )
 
 
 def _op_device_types(op):
@@ -230,6 +267,8 @@ def _op_device_types(op):
         return _KERNEL_DEVICE_TYPES
     if op == "splat_points":
         return _SPLAT_KERNEL_DEVICE_TYPES
+    if op in _FUSED_KERNEL_DEVICE_TYPES:
+        return _FUSED_KERNEL_DEVICE_TYPES[op]
     raise ValueError(f"compiled_op_available: op must be one of {_OPS}, got {op!r}")
 
 
@@ -238,7 +277,8 @@ def compiled_op_available(device, op: str = "hough_voting") -> bool:
 
     Args:
         device: a ``torch.device``, a device string (``"cpu"``, ``"cuda:1"``) or a tensor.
-        op: ``"hough_voting"`` (default) or ``"splat_points"``.
+        op: ``"hough_voting"`` (default), ``"splat_points"``, or one of the fused
+            post-processing kernels ``"class_argmax"``, ``"keypoint_votes"`` (CPU only).
 
     Returns:
         True when ``torch.ops.deeperlab_d2.<op>`` is registered with a kernel for the device's
@@ -257,6 +297,8 @@ def _why_unavailable(op, device_type) -> str:
         )
     if op == "splat_points" and not _HAS_SPLAT_OP:
         return "deeperlab_d2._C predates splat_points: rebuild it (pip install -e .)"
+    if op in _FUSED_OPS and not _FUSED_KERNEL_DEVICE_TYPES[op]:
+        return f"deeperlab_d2._C predates {op}: rebuild it (pip install -e .)"
     return (
         f"deeperlab_d2._C has no {device_type} kernel (compiled with CUDA: "
         f"{compiled_with_cuda()}; rebuild with nvcc and CUDA_HOME set for CUDA)"

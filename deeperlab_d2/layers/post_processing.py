@@ -29,10 +29,16 @@ Pipeline (:func:`deeperlab_panoptic_inference`):
 6. :func:`fuse_panoptic` - majority-vote instance classes, stuff segments, final id map (one
    histogram and one table lookup of each pixel's (instance, class) pair).
 
-Speed (steps 1, 2, 5, 6 and :func:`panoptic_inference`): the semantic labels, the score maps
-and the fusion read each full-resolution tensor a small, fixed number of times; the thing
-pixels are found once, and the refinement, the long-range votes and the assignment run on them
-only. A few host synchronizations per batch, none per instance: the same code runs on CUDA.
+Speed: on the CPU, the semantic labels and the thing mask are one pass of the fused kernel
+``deeperlab_d2::class_argmax`` (:func:`classify_pixels`), and steps 1-2 one call of the fused
+kernel ``deeperlab_d2::keypoint_votes`` per image (:func:`keypoint_votes`: the refinement at the
+thing pixels and both vote maps, two passes over the head outputs); their pure-PyTorch
+references (:func:`semantic_labels`, :func:`keypoint_votes_reference`) are the oracles and what
+runs on other devices (there they compose the Hough-voting ops, which have CUDA kernels). The
+peak search reads only the rows of the maps that exceed the threshold (:func:`local_peaks`);
+the thing pixels are found once, and the refinement, the long-range votes and the assignment run
+on them only. A few host synchronizations per image, none per instance: the same code runs on
+CUDA. ``python benchmarks/bench_postprocess.py`` times every stage.
 
 Robustness: the head outputs may come in any floating dtype (bfloat16/float16 under autocast,
 float64): they are cast to float32 at the entry and everything runs with autocast disabled (the
@@ -51,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .hough_voting import hough_voting, splat_points
+from .hough_voting import _use_compiled, compiled_op_available, hough_voting, splat_points
 from .keypoints import CENTER, KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS  # noqa: F401
 
 
@@ -127,6 +133,31 @@ def _class_lut(num_classes: int, class_ids: Sequence[int], device) -> torch.Tens
     return lut
 
 
+def classify_pixels(
+    logits: torch.Tensor, flagged_ids: Sequence[int], use_compiled: Optional[bool] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`semantic_labels` of [N, C, H, W] float32 logits and whether each pixel's class is
+    one of ``flagged_ids`` (e.g. the thing classes; a void pixel is not).
+
+    On the CPU, one pass of the fused kernel ``deeperlab_d2::class_argmax`` when it is built
+    (``use_compiled=None``: when available; True: required; False: never); otherwise, and on
+    other devices, :func:`semantic_labels` and a table lookup. Both give the same result.
+
+    Returns:
+        ``(labels [N, H, W] int64 (-1 = void), flagged [N, H, W] bool)``.
+    """
+    C = logits.shape[1]
+    if use_compiled is None:
+        use_compiled = compiled_op_available(logits.device, "class_argmax")
+    elif use_compiled:
+        _use_compiled("class_argmax", logits.device, True)
+    if use_compiled:
+        flags = _class_lut(C, flagged_ids, "cpu")[:C]
+        return torch.ops.deeperlab_d2.class_argmax(logits, flags)
+    labels = semantic_labels(logits)
+    return labels, torch.take(_class_lut(C, flagged_ids, labels.device), labels)
+
+
 def _autocast_disabled(device: torch.device):
     """Context that turns autocast off for ``device`` (no-op where autocast does not exist)."""
     is_available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
@@ -167,26 +198,6 @@ def bilinear_sample(field: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> 
 # --------------------------------------------------------------------------------------------
 # 1. offset refinement
 # --------------------------------------------------------------------------------------------
-def sample_fields(fields: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """Bilinearly sample B maps at B sets of points (zero outside), with ``grid_sample``.
-
-    Args:
-        fields: [B, C, H, W].
-        ys, xs: [B, T] float positions (pixels).
-
-    Returns:
-        [B, C, T].
-    """
-    H, W = fields.shape[-2:]
-    grid = xs.new_empty(*xs.shape, 2)  # normalized (x, y), written in place
-    torch.mul(xs, 2.0 / max(W - 1, 1), out=grid[..., 0]).sub_(1.0)
-    torch.mul(ys, 2.0 / max(H - 1, 1), out=grid[..., 1]).sub_(1.0)
-    out = F.grid_sample(
-        fields, grid[:, None], mode="bilinear", padding_mode="zeros", align_corners=True
-    )
-    return out[:, :, 0]
-
-
 def _gather_pixels(fields: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """``fields[..., ys, xs]`` of [..., H, W] fields at T integer pixels: [..., T]. One
     ``index_select`` of flat pixel indices when the fields are contiguous (several times faster
@@ -222,8 +233,32 @@ def refine_long_offsets(
     lo = _gather_pixels(long_offsets, ys, xs)  # [P, 2, T]
     yf, xf = ys.to(lo.dtype)[None], xs.to(lo.dtype)[None]
     for _ in range(steps):
-        lo.add_(sample_fields(short_offsets, yf + lo[:, 0], xf + lo[:, 1]))  # lo is ours
+        lo.add_(_sample_planes(short_offsets, yf + lo[:, 0], xf + lo[:, 1]))  # lo is ours
     return lo
+
+
+def _sample_planes(fields: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of [P, C, H, W] fields, map ``k`` at its own [P, T] points: [P, C, T];
+    zero outside the image. The float32 operations of the fused CPU kernel
+    (``csrc/postprocess_cpu.cpp``, ``sample_plane``), in the same order: the tap weights
+    ``wy * wx`` first, then the taps (0, 0), (0, 1), (1, 0), (1, 1) added to 0 one by one."""
+    P, C, H, W = fields.shape
+    T = ys.shape[1]
+    inside = (ys > -1) & (ys < H) & (xs > -1) & (xs < W)  # NaN fails
+    ys, xs = torch.where(inside, ys, 0.0), torch.where(inside, xs, 0.0)
+    y0f, x0f = torch.floor(ys), torch.floor(xs)
+    wy1, wx1 = ys - y0f, xs - x0f
+    y0, x0 = y0f.long(), x0f.long()
+    flat = fields.reshape(P, C, H * W)
+    out = fields.new_zeros(P, C, T)
+    for dy, wy in ((0, 1 - wy1), (1, wy1)):
+        for dx, wx in ((0, 1 - wx1), (1, wx1)):
+            yy, xx = y0 + dy, x0 + dx
+            ok = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1))[:, None].expand(P, C, T)
+            tap = torch.gather(flat, 2, idx) * (wy * wx)[:, None]
+            out += torch.where(ok[:, None], tap, 0.0)
+    return out
 
 
 def follow_mid_offsets(
@@ -329,6 +364,71 @@ def _score_maps(
     fused.mul_(cfg.long_vote_weight * norm)
     fused.add_(short if ws == 1 else short * ws)
     return fused, short
+
+
+def keypoint_votes(
+    heatmap_logits: torch.Tensor,
+    short_offsets: torch.Tensor,
+    long_offsets: torch.Tensor,
+    pixels: torch.Tensor,
+    cfg: PostProcessConfig,
+    use_compiled: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-2 for one image: the refined keypoints predicted at its thing pixels and the
+    Hough score maps (short-range votes from every pixel whose keypoint probability is at
+    least ``min_vote_prob``, long-range votes from the thing pixels' refined keypoints).
+
+    On the CPU, one call of the fused kernel ``deeperlab_d2::keypoint_votes`` when it is built
+    (two passes over the head outputs: ``use_compiled=None``: when available; True: required;
+    False: never); otherwise, and on other devices, :func:`keypoint_votes_reference`, which
+    composes :func:`refine_long_offsets` and the Hough-voting ops (on CUDA, their CUDA
+    kernels). The two agree to float32 rounding (the sigmoid and the summation order of the
+    votes landing on one cell; the keypoints are bit-equal).
+
+    Args:
+        heatmap_logits: [P, H, W]; short_offsets, long_offsets: [P, 2, H, W]; float32.
+        pixels: [T] int64 flat indices ``y * W + x`` of the thing pixels (raster order).
+        cfg: ``min_vote_prob``, ``refine_steps``, ``keypoint_radius``, the vote weights.
+
+    Returns:
+        ``(fused [P, H, W], short [P, H, W], keypoints [T, P, 2])``: the maps of
+        :func:`hough_score_maps` and the keypoints ``(y, x) + L_k`` (refined) of the pixels.
+    """
+    if use_compiled is None:
+        use_compiled = compiled_op_available(heatmap_logits.device, "keypoint_votes")
+    elif use_compiled:
+        _use_compiled("keypoint_votes", heatmap_logits.device, True)
+    if not use_compiled:
+        return keypoint_votes_reference(heatmap_logits, short_offsets, long_offsets, pixels, cfg)
+    return torch.ops.deeperlab_d2.keypoint_votes(
+        heatmap_logits,
+        short_offsets,
+        long_offsets,
+        pixels,
+        cfg.min_vote_prob,
+        cfg.refine_steps,
+        1.0 / (math.pi * cfg.keypoint_radius**2),
+        cfg.short_vote_weight,
+        cfg.long_vote_weight,
+    )
+
+
+def keypoint_votes_reference(
+    heatmap_logits: torch.Tensor,
+    short_offsets: torch.Tensor,
+    long_offsets: torch.Tensor,
+    pixels: torch.Tensor,
+    cfg: PostProcessConfig,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`keypoint_votes` in plain PyTorch on any device (the oracle of the fused kernel)."""
+    P, H, W = heatmap_logits.shape
+    ys, xs = torch.div(pixels, W, rounding_mode="floor"), pixels % W
+    lo = refine_long_offsets(long_offsets, short_offsets, ys, xs, cfg.refine_steps)
+    by_type = _pixel_keypoints(ys, xs, lo)  # [P, T, 2]: the long-range votes
+    short_w = torch.threshold_(heatmap_logits.sigmoid(), _float32_below(cfg.min_vote_prob), 0.0)
+    long_votes = long_range_votes([by_type])
+    fused, short = _score_maps(short_w[None], short_offsets[None], long_votes, cfg)
+    return fused[0], short[0], _transpose_pairs(by_type)
 
 
 def _pixel_keypoints(ys: torch.Tensor, xs: torch.Tensor, long_offsets: torch.Tensor):
@@ -574,15 +674,31 @@ def _cell_rows(centers, radius, size, pm, pn, which=None):
         upper = bound.masked_fill(a <= 0, math.inf)
         upper.masked_fill_((a == 0) & (rhs < 0), -math.inf)  # the row is on the far side
         lower = bound.masked_fill(a >= 0, -math.inf)
-        idx = slot[pm][:, None].expand_as(bound)
-        hi = hi.scatter_reduce(0, idx, upper, "amin")
-        lo = lo.scatter_reduce(0, idx, lower, "amax")
+        hi = torch.minimum(hi, _group_reduce(upper, slot[pm], hi.shape[0], math.inf, "amin"))
+        lo = torch.maximum(lo, _group_reduce(lower, slot[pm], lo.shape[0], -math.inf, "amax"))
     x0 = torch.ceil(cx[which, None] + lo - 1e-9).clamp(min=0)
     x1 = torch.floor(cx[which, None] + hi + 1e-9).clamp(max=W - 1)
     n = (x1 - x0 + 1).clamp(min=0) * ok
     u = torch.maximum((x0 - cx[which, None]).abs(), (x1 - cx[which, None]).abs())
     extent = torch.where(n > 0, torch.hypot(u, dy), 0.0).amax(1)
     return n.sum(1), extent
+
+
+def _group_reduce(values: torch.Tensor, group: torch.Tensor, num_groups: int, fill: float, how):
+    """Per-group ``amin`` / ``amax`` of the rows of [E, L] ``values`` (row e in group
+    ``group[e]``): [num_groups, L], ``fill`` for an empty group. The rows are laid out in a
+    padded [num_groups, largest group, L] tensor and reduced along dim 1 (the same values as
+    ``scatter_reduce``, which is slow on the CPU)."""
+    E, L = values.shape
+    if E == 0:
+        return values.new_full((num_groups, L), fill)
+    order = group.argsort(stable=True)
+    g = group[order]
+    counts = torch.bincount(g, minlength=num_groups)
+    rank = torch.arange(E, device=g.device) - (torch.cumsum(counts, 0) - counts)[g]
+    dense = values.new_full((num_groups, int(counts.max()), L), fill)
+    dense[g, rank] = values[order]
+    return dense.amin(1) if how == "amin" else dense.amax(1)
 
 
 def window_max(maps: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -702,13 +818,23 @@ def local_peaks(
         ``(n, k, y, x)`` int64 indices of the peaks (``torch.nonzero`` order).
     """
     N, P, H, W = maps.shape
-    n, k, y, x = torch.nonzero((maps == window_max(maps, 3)) & (maps > threshold), as_tuple=True)
-    r = kernel // 2
-    if r < 2 or n.numel() == 0:
-        return n, k, y, x
+    n, k, y, x = _cells_above(maps, threshold)
     flat = maps.reshape(N * P, H * W)
     plane = n * P + k
     v = flat[plane, y * W + x]
+    # the maximum of the 3 x 3 neighbourhood (ties kept), read at the sparse cells only
+    is_max = torch.ones_like(v, dtype=torch.bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                qy, qx = y + dy, x + dx
+                ok = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+                q = flat[plane, qy.clamp(0, H - 1) * W + qx.clamp(0, W - 1)]
+                is_max &= ~ok | (v >= q)
+    n, k, y, x, plane, v = n[is_max], k[is_max], y[is_max], x[is_max], plane[is_max], v[is_max]
+    r = kernel // 2
+    if r < 2 or n.numel() == 0:
+        return n, k, y, x
 
     def value(fy, fx):
         # max of the cells a (fractional) point rounds to; 0 outside the maps
@@ -735,6 +861,20 @@ def local_peaks(
                 ridge_min = torch.minimum(ridge_min, value(dy * i / steps, dx * i / steps))
             keep &= ~(higher & (ridge_min >= ridge * v))
     return n[keep], k[keep], y[keep], x[keep]
+
+
+def _cells_above(maps: torch.Tensor, threshold: float):
+    """``torch.nonzero(maps > threshold, as_tuple=True)`` of [N, P, H, W] maps (same order),
+    for sparse maps: only the rows whose maximum exceeds the threshold are searched (one
+    vectorized pass over the maps instead of a full-size mask and its scan)."""
+    N, P, H, W = maps.shape
+    rows = maps.reshape(N * P * H, W)
+    hit = torch.nonzero(rows.amax(1) > threshold).flatten() if W else rows.new_zeros(0).long()
+    r, x = torch.nonzero(rows[hit] > threshold, as_tuple=True)
+    row = hit[r]
+    y = row % H
+    plane = torch.div(row, H, rounding_mode="floor")
+    return torch.div(plane, P, rounding_mode="floor"), plane % P, y, x
 
 
 def _subpixel(maps: torch.Tensor, types, py, px):
@@ -1217,8 +1357,7 @@ def panoptic_inference(
 def _panoptic_batch(sem_seg_logits, instance_outputs, instance_fn, thing_ids, fusion_cfg):
     # :func:`panoptic_inference` on float32 inputs of one valid size, autocast off
     C = sem_seg_logits.shape[1]
-    semantic = semantic_labels(sem_seg_logits)  # [N, H, W], -1 = void
-    thing_mask = torch.take(_class_lut(C, thing_ids, semantic.device), semantic)  # void: False
+    semantic, thing_mask = classify_pixels(sem_seg_logits, thing_ids)  # -1 = void: no thing
     instances = instance_fn(sem_seg_logits, semantic, thing_mask, **instance_outputs)
     results = []
     for n, inst in enumerate(instances):
@@ -1259,32 +1398,27 @@ def deeperlab_instances(
     """
     N, _, H, W = heatmap_logits.shape
     device = heatmap_logits.device
-    # short-range vote weights: probabilities, 0 below min_vote_prob (in place: one buffer)
-    short_w = torch.threshold_(heatmap_logits.sigmoid(), _float32_below(cfg.min_vote_prob), 0.0)
-
-    # 1. refined long-range offsets at the thing pixels only: their predicted keypoints
-    # [P, T_n, 2] are both the long-range votes and what the pixel assignment compares
-    pn, py, px = torch.nonzero(thing_mask, as_tuple=True)  # by image, raster order
+    # the thing pixels, found once (by image, raster order): the long-range votes and the pixel
+    # assignment read only them
+    pn, py, px = torch.nonzero(thing_mask, as_tuple=True)
     counts = torch.bincount(pn, minlength=N).tolist()
-    pixel_kps, by_type = [], []
-    for n, (ys, xs) in enumerate(zip(py.split(counts), px.split(counts))):
-        lo = refine_long_offsets(long_offsets[n], short_offsets[n], ys, xs, cfg.refine_steps)
-        by_type.append(_pixel_keypoints(ys, xs, lo))  # [P, T, 2]: the long-range votes
-        pixel_kps.append((ys, xs, _transpose_pairs(by_type[-1])))  # [T, P, 2], contiguous
-
-    # 2-3. score maps (dense short-range votes, sparse long-range votes) and keypoint candidates
-    long_votes = long_range_votes(by_type) if N else None
-    del by_type
-    score_maps, short_maps = _score_maps(short_w, short_offsets, long_votes, cfg)
-    del short_w, long_votes
-    candidates = find_keypoints(score_maps, cfg, short_maps)
+    pixels = torch.add(px, py, alpha=W)
 
     results = []
-    for n in range(N):
-        ys, xs, pk = pixel_kps[n]
-        kps, scores = group_instances(
-            candidates[n], short_maps[n], mid_offsets[n], short_offsets[n], cfg, pk
+    for n, (ys, xs, flat) in enumerate(
+        zip(py.split(counts), px.split(counts), pixels.split(counts))
+    ):
+        # 1-2. refined keypoints of the thing pixels [T, P, 2] and the score maps
+        score_maps, short_maps, pk = keypoint_votes(
+            heatmap_logits[n], short_offsets[n], long_offsets[n], flat, cfg
         )
+        # 3. keypoint candidates
+        (candidates,) = find_keypoints(score_maps[None], cfg, short_maps[None])
+        # 4. instances
+        kps, scores = group_instances(
+            candidates, short_maps, mid_offsets[n], short_offsets[n], cfg, pk
+        )
+        # 5. pixel assignment
         instance_map = torch.full((H, W), -1, dtype=torch.long, device=device)
         if kps.shape[0] > 0 and ys.numel() > 0:
             instance_map[ys, xs] = assign_pixels(pk, kps, cfg.assign_chunk)
@@ -1292,7 +1426,7 @@ def deeperlab_instances(
             {"instance_map": instance_map, "instance_scores": scores, "instance_keypoints": kps}
         )
         if return_maps:
-            results[-1].update(score_maps=score_maps[n], keypoint_candidates=candidates[n])
+            results[-1].update(score_maps=score_maps, keypoint_candidates=candidates)
     return results
 
 

@@ -108,6 +108,8 @@ constexpr int64_t kMinVotesPerThread = 32768;
 // Source pixels per block of the two-pass loop in vote_rows (stack buffers of ~7 KiB).
 constexpr int64_t kBlock = 256;
 
+}  // namespace
+
 // Casts the votes of source rows [row_begin, row_end) of one plane into `out` (one plane of
 // out_h * out_w floats, accumulated with +=). out_h, out_w >= 1 and < 2^31.
 //
@@ -116,6 +118,7 @@ constexpr int64_t kBlock = 256;
 // them. Both do the same float operations in the same order as the reference implementation
 // (tap weight = (wy * wx) * weight) as bilinear_taps() in voting_common.h, so that a single
 // vote gives bit-identical results on every implementation.
+// Declared in voting_common.h (also used by the fused kernel in postprocess_cpu.cpp).
 void vote_rows(
     const float* __restrict__ dy,
     const float* __restrict__ dx,
@@ -214,6 +217,8 @@ void vote_rows(
     }
   }
 }
+
+namespace {
 
 at::Tensor hough_voting_cpu(
     const at::Tensor& offsets_in,

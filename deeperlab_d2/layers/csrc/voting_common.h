@@ -46,6 +46,21 @@ void check_splat_points_args(
     int64_t out_w,
     double scale);
 
+// The dense CPU voting loop of hough_voting (defined in hough_voting.cpp): casts the votes of
+// source rows [row_begin, row_end) of one plane (offsets dy, dx and weights w, `width` pixels a
+// row) into `out` (out_h x out_w floats, +=).
+void vote_rows(
+    const float* __restrict__ dy,
+    const float* __restrict__ dx,
+    const float* __restrict__ w,
+    int64_t width,
+    int64_t row_begin,
+    int64_t row_end,
+    float* __restrict__ out,
+    int64_t out_h,
+    int64_t out_w,
+    float scale);
+
 // Test hook (deeperlab_d2._C._set_force_int64_indexing): when set, the CUDA kernels use 64-bit
 // indices even where 32-bit ones fit, so that tests can run the 64-bit path on inputs of a
 // manageable size. Defined in hough_voting.cpp.

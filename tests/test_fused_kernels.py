@@ -1,0 +1,233 @@
+"""The fused CPU kernels of the post-processing (``csrc/postprocess_cpu.cpp``) against their
+pure-PyTorch references, and the sparse rewrites of the peak search and the cell areas against
+the dense formulas they replace. Torch only (no Detectron2); small maps, no timing
+(``benchmarks/bench_postprocess.py``)."""
+
+import math
+
+import pytest
+import torch
+from conftest import post_process_cfg
+
+from deeperlab_d2.layers import compiled_op_available
+from deeperlab_d2.layers import post_processing as pp
+
+NAN, INF = float("nan"), float("inf")
+
+needs_argmax = pytest.mark.skipif(
+    not compiled_op_available("cpu", "class_argmax"), reason="deeperlab_d2._C not built"
+)
+needs_votes = pytest.mark.skipif(
+    not compiled_op_available("cpu", "keypoint_votes"), reason="deeperlab_d2._C not built"
+)
+
+
+def _random_logits(seed, shape=(2, 5, 9, 13)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=g)
+    logits[:, 2] = logits[:, 1]  # ties: the first class wins
+    special = torch.rand(shape, generator=g)
+    logits[special < 0.05] = NAN
+    logits[(special >= 0.05) & (special < 0.08)] = INF
+    logits[(special >= 0.08) & (special < 0.11)] = -INF
+    logits[0, :, 0, 0] = NAN  # a pixel with no finite logit: void
+    logits[0, :, 0, 1] = torch.tensor([-INF, INF, NAN, -INF, -INF])
+    return logits
+
+
+@needs_argmax
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cropped"])
+def test_class_argmax_equals_semantic_labels_and_lookup(seed, layout):
+    logits = _random_logits(seed)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    elif layout == "cropped":
+        logits = _random_logits(seed, (2, 5, 12, 17))[..., 1:10, 2:15]
+        logits[0, :, 0, 0] = NAN
+        logits[0, :, 0, 1] = torch.tensor([-INF, INF, NAN, -INF, -INF])
+    ids = [1, 3]
+    labels, flagged = pp.classify_pixels(logits, ids, use_compiled=True)
+    ref_labels, ref_flagged = pp.classify_pixels(logits, ids, use_compiled=False)
+    assert torch.equal(labels, ref_labels)
+    assert torch.equal(flagged, ref_flagged)
+    assert labels[0, 0, 0] == -1 and not flagged[0, 0, 0]
+    assert labels[0, 0, 1] == -1  # +inf and NaN are not finite: no class
+    expected = torch.isin(ref_labels, torch.tensor(ids))
+    assert torch.equal(flagged, expected)
+
+
+@needs_argmax
+def test_class_argmax_edge_shapes_and_errors():
+    for shape in [(0, 3, 4, 4), (1, 3, 0, 5), (1, 1, 3, 3)]:
+        logits = torch.randn(shape)
+        a = pp.classify_pixels(logits, [0], use_compiled=True)
+        b = pp.classify_pixels(logits, [0], use_compiled=False)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(RuntimeError, match="class_argmax: logits must be float32"):
+        torch.ops.deeperlab_d2.class_argmax(torch.zeros(1, 2, 3, 3).double(), torch.ones(2) > 0)
+    with pytest.raises(RuntimeError, match=r"flags must be a 1-D tensor \[C\] with C = 2"):
+        torch.ops.deeperlab_d2.class_argmax(torch.zeros(1, 2, 3, 3), torch.ones(3) > 0)
+
+
+def _vote_inputs(seed, P=3, H=23, W=31, thing_fraction=0.4):
+    """Heatmap logits (most pixels far below the vote threshold, some near it), short offsets
+    pointing at a few keypoints, long offsets with noise (some pointing outside the image)."""
+    g = torch.Generator().manual_seed(seed)
+    heat = torch.randn(P, H, W, generator=g) * 3 - 2
+    yy = torch.arange(H, dtype=torch.float32)[:, None].expand(H, W)
+    xx = torch.arange(W, dtype=torch.float32)[None, :].expand(H, W)
+    short = torch.empty(P, 2, H, W)
+    long = torch.empty(P, 2, H, W)
+    for k in range(P):
+        ky, kx = torch.rand(2, generator=g) * torch.tensor([H - 1.0, W - 1.0])
+        short[k, 0] = (ky - yy).clamp(-6, 6) + torch.randn(H, W, generator=g) * 0.3
+        short[k, 1] = (kx - xx).clamp(-6, 6) + torch.randn(H, W, generator=g) * 0.3
+        long[k, 0] = ky - yy + torch.randn(H, W, generator=g) * 2
+        long[k, 1] = kx - xx + torch.randn(H, W, generator=g) * 2
+    long[0, 0, 0, :5] = -40.0  # votes far outside the image cast nothing
+    long[1, 1, 3, :4] = 1e3
+    mask = torch.rand(H, W, generator=g) < thing_fraction
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return heat, short, long, ys * W + xs
+
+
+@needs_votes
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"refine_steps": 0},
+        {"refine_steps": 3, "min_vote_prob": 0.5},
+        {"long_vote_weight": 0.0},
+        {"short_vote_weight": 0.5, "long_vote_weight": 2.0, "keypoint_radius": 3.5},
+        {"min_vote_prob": 0.0},
+    ],
+)
+def test_keypoint_votes_kernel_equals_reference(seed, overrides):
+    cfg = post_process_cfg(**{"keypoint_radius": 4.0, **overrides})
+    heat, short, long, pixels = _vote_inputs(seed)
+    fused, short_map, kps = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled=True)
+    ref = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled=False)
+    # the refined keypoints: the same float32 operations in the same order, bit-equal
+    assert torch.equal(kps, ref[2])
+    # the maps: the same taps, summed in another order
+    scale = float(ref[0].abs().max()) + 1e-12
+    torch.testing.assert_close(fused, ref[0], rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(short_map, ref[1], rtol=1e-5, atol=1e-6 * scale)
+    assert fused.shape == short_map.shape == heat.shape
+    assert kps.shape == (pixels.numel(), heat.shape[0], 2)
+
+
+@needs_votes
+def test_keypoint_votes_kernel_values_by_hand():
+    """One vote of each kind, checked by hand: a short vote with probability 0.5 at (2.25, 3),
+    a long vote from pixel (1, 1) whose long offset (1, 2) is refined once by the short offset
+    sampled at (2, 3) (= (0.25, 0)) to the keypoint (2.25, 3)."""
+    P, H, W = 1, 6, 7
+    heat = torch.full((P, H, W), -30.0)
+    heat[0, 2, 3] = 0.0  # sigmoid = 0.5, the only pixel above min_vote_prob
+    short = torch.zeros(P, 2, H, W)
+    short[0, 0, 2, 3] = 0.25
+    long = torch.zeros(P, 2, H, W)
+    long[0, :, 1, 1] = torch.tensor([1.0, 2.0])
+    pixels = torch.tensor([1 * W + 1])
+    cfg = post_process_cfg(
+        keypoint_radius=1.0,
+        refine_steps=1,
+        min_vote_prob=0.01,
+        short_vote_weight=1.0,
+        long_vote_weight=1.0,
+    )
+    for use_compiled in (True, False):
+        fused, short_map, kps = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled)
+        assert kps.tolist() == [[[2.25, 3.0]]]
+        norm = 1.0 / math.pi
+        expected_short = torch.zeros(H, W)
+        expected_short[2, 3], expected_short[3, 3] = 0.5 * 0.75 * norm, 0.5 * 0.25 * norm
+        torch.testing.assert_close(short_map[0], expected_short)
+        expected_long = torch.zeros(H, W)
+        expected_long[2, 3], expected_long[3, 3] = 0.75 * norm, 0.25 * norm
+        torch.testing.assert_close(fused[0], expected_long + expected_short)
+
+
+@needs_votes
+def test_keypoint_votes_kernel_edge_cases_and_errors():
+    cfg = post_process_cfg(keypoint_radius=3.0)
+    heat, short, long, pixels = _vote_inputs(0)
+    # no thing pixel; non-finite offsets (cast nothing, sample nothing)
+    short[0, :, 4, 4] = NAN
+    long[1, :, 5, 5] = INF
+    for pix in (pixels[:0], pixels):
+        a = pp.keypoint_votes(heat, short, long, pix, cfg, use_compiled=True)
+        b = pp.keypoint_votes(heat, short, long, pix, cfg, use_compiled=False)
+        assert torch.isfinite(a[0]).all() and torch.isfinite(a[1]).all()
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+        assert torch.equal(a[2].isnan(), b[2].isnan())
+        torch.testing.assert_close(a[2], b[2], equal_nan=True, rtol=0, atol=0)
+    H, W = heat.shape[1:]
+    with pytest.raises(RuntimeError, match=r"pixels must lie in \[0, H \* W\)"):
+        pp.keypoint_votes(heat, short, long, torch.tensor([H * W]), cfg, use_compiled=True)
+    with pytest.raises(RuntimeError, match="short_offsets and long_offsets must have shape"):
+        pp.keypoint_votes(heat, short[:, :, :-1], long, pixels, cfg, use_compiled=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_peak_search_equals_dense_definition(seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(2, 3, 17, 19, generator=g) ** 6
+    maps[0, 0, 5, 5:8] = 0.9  # a plateau: ties are kept
+    maps[1, 2, 0, 0] = 0.95  # corner and border peaks
+    maps[1, 2, 16, 10] = 0.97
+    for threshold in (0.0, 0.05, 0.3, 2.0):
+        n, k, y, x = pp._cells_above(maps, threshold)
+        assert torch.equal(torch.stack([n, k, y, x]), torch.nonzero(maps > threshold).T)
+        dense = torch.nonzero((maps == pp.window_max(maps, 3)) & (maps > threshold)).T
+        peaks = torch.stack(pp.local_peaks(maps, 3, threshold))
+        assert torch.equal(peaks, dense)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_reduce_equals_scatter_reduce(seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(40, 7, generator=g)
+    values[3, 2] = INF
+    group = torch.randint(0, 9, (40,), generator=g)  # unsorted, some groups empty
+    for how, fill in (("amin", INF), ("amax", -INF)):
+        got = pp._group_reduce(values, group, 10, fill, how)
+        base = torch.full((10, 7), fill)
+        expected = base.scatter_reduce(0, group[:, None].expand(-1, 7), values, how)
+        assert torch.equal(got, expected)
+    assert torch.equal(
+        pp._group_reduce(values[:0], group[:0], 3, 1.5, "amin"), torch.full((3, 7), 1.5)
+    )
+
+
+@needs_votes
+@needs_argmax
+def test_whole_inference_same_with_and_without_fused_kernels(monkeypatch):
+    """The panoptic result of a scene is the same whether the fused kernels or the composed
+    references run."""
+    import importlib
+
+    hv = importlib.import_module("deeperlab_d2.layers.hough_voting")
+
+    g = torch.Generator().manual_seed(0)
+    H, W = 40, 48
+    sem = torch.zeros(1, 3, H, W)
+    sem[0, 0] = 2.0
+    sem[0, 1, 5:20, 5:20] = 5.0  # one thing square
+    sem[0, 1, 25:35, 28:44] = 5.0  # another
+    cfg = post_process_cfg(keypoint_radius=4.0)
+    heat, short, long, _ = _vote_inputs(1, P=5, H=H, W=W)
+    mid = torch.randn(1, 8, 2, H, W, generator=g)
+    args = (sem, heat[None], short[None], mid, long[None], [1], cfg)
+    fast = pp.deeperlab_panoptic_inference(*args)[0]
+    monkeypatch.setattr(hv, "_FUSED_KERNEL_DEVICE_TYPES", {k: frozenset() for k in hv._FUSED_OPS})
+    assert not compiled_op_available("cpu", "keypoint_votes")
+    slow = pp.deeperlab_panoptic_inference(*args)[0]
+    assert torch.equal(fast["semantic"], slow["semantic"])
+    assert torch.equal(fast["panoptic"], slow["panoptic"])
+    assert torch.equal(fast["instance_keypoints"], slow["instance_keypoints"])
+    torch.testing.assert_close(fast["instance_scores"], slow["instance_scores"])
