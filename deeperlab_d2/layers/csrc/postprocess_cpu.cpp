@@ -65,21 +65,44 @@ std::tuple<at::Tensor, at::Tensor> class_argmax_cpu(
       flags_in.scalar_type() == at::kBool,
       "class_argmax: flags must be bool, got ",
       flags_in.scalar_type());
-  const at::Tensor logits = logits_in.contiguous();
   const at::Tensor flags = flags_in.to(at::kCPU).contiguous();
-  const int64_t N = logits.size(0), C = logits.size(1);
-  const int64_t HW = logits.size(2) * logits.size(3);
-  auto labels = at::empty({N, logits.size(2), logits.size(3)}, logits.options().dtype(at::kLong));
-  auto flagged = at::empty({N, logits.size(2), logits.size(3)}, logits.options().dtype(at::kBool));
+  const int64_t N = logits_in.size(0), C = logits_in.size(1);
+  const int64_t HW = logits_in.size(2) * logits_in.size(3);
+  auto labels =
+      at::empty({N, logits_in.size(2), logits_in.size(3)}, logits_in.options().dtype(at::kLong));
+  auto flagged =
+      at::empty({N, logits_in.size(2), logits_in.size(3)}, logits_in.options().dtype(at::kBool));
   if (N == 0 || HW == 0) {
     return {labels, flagged};
   }
-  const float* lp = logits.data_ptr<float>();
   const bool* fp = flags.data_ptr<bool>();
   int64_t* out = labels.data_ptr<int64_t>();
   bool* fout = flagged.data_ptr<bool>();
-  const int64_t blocks_per_image = (HW + kArgmaxBlock - 1) / kArgmaxBlock;
   const float inf = std::numeric_limits<float>::infinity();
+  if (C > 0 && logits_in.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    // channels last (e.g. a model run in that memory format): each pixel's logits are
+    // contiguous, one pixel at a time
+    const float* lp = logits_in.data_ptr<float>();
+    at::parallel_for(0, N * HW, 4096, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* v = lp + p * C;
+        float best = -inf;
+        int64_t idx = -1;
+        for (int64_t c = 0; c < C; ++c) {
+          if (v[c] > best && v[c] < inf) {
+            best = v[c];
+            idx = c;
+          }
+        }
+        out[p] = idx;
+        fout[p] = idx >= 0 && fp[idx];
+      }
+    });
+    return {labels, flagged};
+  }
+  const at::Tensor logits = logits_in.contiguous();
+  const float* lp = logits.data_ptr<float>();
+  const int64_t blocks_per_image = (HW + kArgmaxBlock - 1) / kArgmaxBlock;
   at::parallel_for(0, N * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
     float best[kArgmaxBlock];
     int64_t idx[kArgmaxBlock];
@@ -181,6 +204,8 @@ inline void add_sample2(
 }
 
 constexpr int64_t kSplatBlock = 256;
+// Cells of the per-thread buffer of short-range vote weights (256 KiB).
+constexpr int64_t kWeightBand = 1 << 16;
 
 // Splats weight 1 at the T points (y, x) = pts[t * stride], pts[t * stride + 1] into one
 // out_h x out_w plane (+=), with the tap arithmetic of bilinear_taps() (floor by truncation),
@@ -335,12 +360,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
   });
 
   // 2. votes, threads split the keypoint types. Short-range weights: the probabilities,
-  // 0 below min_vote_prob (ATen's vectorized sigmoid, as the reference)
+  // 0 below min_vote_prob, computed a band of rows at a time into a buffer of the thread
+  // (ATen's vectorized sigmoid and threshold, as the reference; no full-size temporary)
   const float below = std::nextafter(
       static_cast<float>(min_vote_prob), -std::numeric_limits<float>::infinity());
-  at::Tensor weights = at::sigmoid(heat);
-  at::threshold_(weights, below, 0.0);
-  const float* wp = weights.data_ptr<float>();
   const float fnorm = static_cast<float>(norm);
   const float fws = static_cast<float>(short_weight);
   const bool with_long = long_weight > 0.0;
@@ -350,12 +373,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
   if (with_long) {
     fused.zero_();
   }
+  const int64_t band = std::max<int64_t>(1, kWeightBand / std::max<int64_t>(W, 1));
   // the votes: one plane per task (the tap sums of a cell in a fixed order)
   at::parallel_for(0, P, 1, [&](int64_t k0, int64_t k1) {
+    at::Tensor weights = at::empty({std::min(band, H), W}, heat.options());
+    float* wp = weights.data_ptr<float>();
     for (int64_t k = k0; k < k1; ++k) {
-      vote_rows(
-          sp + (2 * k) * HW, sp + (2 * k + 1) * HW, wp + k * HW, W, 0, H, shp + k * HW, H, W,
-          1.f);
+      for (int64_t r0 = 0; r0 < H; r0 += band) {
+        const int64_t r1 = std::min(H, r0 + band);
+        at::Tensor w = weights.narrow(0, 0, r1 - r0);
+        at::sigmoid_out(w, heat.select(0, k).narrow(0, r0, r1 - r0));
+        at::threshold_(w, below, 0.0);
+        // vote_rows reads rows [r0, r1) of the weights through a pointer shifted back by r0
+        vote_rows(
+            sp + (2 * k) * HW, sp + (2 * k + 1) * HW, wp - r0 * W, W, r0, r1, shp + k * HW, H, W,
+            1.f);
+      }
       if (with_long) {
         splat_ones(kp + 2 * k, 2 * P, T, fp + k * HW, H, W);
       }
