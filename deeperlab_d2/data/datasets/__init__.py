@@ -55,18 +55,9 @@ __all__ = [
 
 
 def synthetic_shape_split_paths(root: str, split: str) -> Dict[str, str]:
-    """Paths of one split of the "shape" variant of the synthetic dataset.
-
-    The same layout as :func:`synthetic_split_paths`, under ``<root>/deeperlab_synthetic_shape``
-    instead of ``<root>/deeperlab_synthetic``.
-    """
-    root = os.path.expanduser(root)
-    default_base = os.path.join(root, SYNTHETIC_DATASET_NAME)
-    shape_base = os.path.join(root, SYNTHETIC_SHAPE_DATASET_NAME)
-    return {
-        key: os.path.join(shape_base, os.path.relpath(path, default_base))
-        for key, path in synthetic_split_paths(root, split).items()
-    }
+    """:func:`synthetic_split_paths` of the "shape" variant (under
+    ``<root>/deeperlab_synthetic_shape``)."""
+    return synthetic_split_paths(root, split, variant="shape")
 
 
 def register_deeperlab_synthetic_shape(
@@ -75,43 +66,9 @@ def register_deeperlab_synthetic_shape(
     """Register ``<prefix>_train`` and ``<prefix>_val``: the "shape" variant of the synthetic
     dataset (``python datasets/prepare_synthetic.py --variant shape``), thing classes that
     differ by shape only, under random colours: a harder benchmark than the default variant.
-
-    Lazy like :func:`register_deeperlab_synthetic` (same metadata, same loader): the files are
-    read by ``DatasetCatalog.get``, which raises a :class:`FileNotFoundError` that names the
-    command to run if the variant has not been generated. Registered names are replaced.
-
-    Args:
-        root: datasets root (the folder that contains ``deeperlab_synthetic_shape``).
-        prefix: dataset name prefix.
-
-    Returns:
-        list[str]: the registered dataset names.
-    """
-    names = []
-    for split in SYNTHETIC_SPLITS:
-        name = f"{prefix}_{split}"
-        paths = synthetic_shape_split_paths(root, split)
-        meta = get_synthetic_metadata()
-
-        def _load(paths=paths, meta=meta):
-            if not os.path.isfile(paths["panoptic_json"]):
-                raise FileNotFoundError(
-                    f"Synthetic panoptic annotations (shape variant) not found: "
-                    f"{paths['panoptic_json']}. Generate them first with `python "
-                    f"datasets/prepare_synthetic.py --variant shape --root <datasets root>` (the "
-                    f"root is $DETECTRON2_DATASETS, default ./datasets)."
-                )
-            return load_deeperlab_synthetic(
-                paths["panoptic_json"],
-                paths["image_root"],
-                paths["panoptic_root"],
-                paths["sem_seg_root"],
-                meta,
-            )
-
-        register_panoptic_split(name, _load, {**paths, **meta})
-        names.append(name)
-    return names
+    :func:`register_deeperlab_synthetic` with ``variant="shape"`` (lazy, same metadata; loading
+    before generating raises a :class:`FileNotFoundError` naming the command)."""
+    return register_deeperlab_synthetic(root, prefix, variant="shape")
 
 
 def register_all(root: str) -> None:

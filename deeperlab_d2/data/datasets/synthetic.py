@@ -7,14 +7,14 @@ lazy and works without the data; loading a split that has not been generated rai
 """
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .coco_panoptic import load_panoptic_json
 from .registration import register_panoptic_split
 from .synthetic_categories import (
     SYNTHETIC_CATEGORIES,
-    SYNTHETIC_DATASET_NAME,
     SYNTHETIC_SPLITS,
+    SYNTHETIC_VARIANT_DIRNAMES,
     synthetic_id_maps,
 )
 
@@ -50,18 +50,33 @@ def get_synthetic_metadata() -> Dict[str, object]:
     }
 
 
-def synthetic_split_paths(root: str, split: str) -> Dict[str, str]:
+def _variant_dirname(variant: str) -> str:
+    if variant not in SYNTHETIC_VARIANT_DIRNAMES:
+        raise ValueError(
+            f"synthetic dataset variant must be one of {sorted(SYNTHETIC_VARIANT_DIRNAMES)}, "
+            f"got {variant!r}"
+        )
+    return SYNTHETIC_VARIANT_DIRNAMES[variant]
+
+
+def _prepare_hint(variant: str) -> str:
+    return PREPARE_HINT if variant == "appearance" else f"{PREPARE_HINT} --variant {variant}"
+
+
+def synthetic_split_paths(root: str, split: str, variant: str = "appearance") -> Dict[str, str]:
     """Paths of one split of the synthetic dataset.
 
     Args:
         root: datasets root (the folder that contains ``deeperlab_synthetic``).
         split: ``"train"`` or ``"val"``.
+        variant: ``"appearance"`` (``<root>/deeperlab_synthetic``) or ``"shape"``
+            (``<root>/deeperlab_synthetic_shape``).
 
     Returns:
         dict: ``image_root``, ``panoptic_root``, ``panoptic_json``, ``sem_seg_root`` and
         ``json_file`` (the COCO instances json).
     """
-    base = os.path.join(os.path.expanduser(root), SYNTHETIC_DATASET_NAME)
+    base = os.path.join(os.path.expanduser(root), _variant_dirname(variant))
     return {
         "image_root": os.path.join(base, split),
         "panoptic_root": os.path.join(base, f"panoptic_{split}"),
@@ -72,7 +87,12 @@ def synthetic_split_paths(root: str, split: str) -> Dict[str, str]:
 
 
 def load_deeperlab_synthetic(
-    panoptic_json: str, image_root: str, panoptic_root: str, sem_seg_root: str, meta: dict
+    panoptic_json: str,
+    image_root: str,
+    panoptic_root: str,
+    sem_seg_root: str,
+    meta: dict,
+    prepare_hint: str = PREPARE_HINT,
 ) -> List[dict]:
     """Load one split in Detectron2's standard panoptic format.
 
@@ -86,6 +106,7 @@ def load_deeperlab_synthetic(
         sem_seg_root: folder of the contiguous-id semantic PNGs (255 = void / crowd).
         meta: must contain ``thing_dataset_id_to_contiguous_id`` and
             ``stuff_dataset_id_to_contiguous_id``.
+        prepare_hint: the command that generates the files, for the errors.
 
     Returns:
         list[dict]: records with ``file_name``, ``image_id``, ``pan_seg_file_name``,
@@ -98,7 +119,7 @@ def load_deeperlab_synthetic(
     if not os.path.isfile(panoptic_json):
         raise FileNotFoundError(
             f"Synthetic panoptic annotations not found: {panoptic_json}. Generate the dataset "
-            f"first with `{PREPARE_HINT} --root <datasets root>` (the root is "
+            f"first with `{prepare_hint} --root <datasets root>` (the root is "
             f"$DETECTRON2_DATASETS, default ./datasets)."
         )
     records = load_panoptic_json(panoptic_json, image_root, panoptic_root, meta)
@@ -108,12 +129,14 @@ def load_deeperlab_synthetic(
     if not os.path.isdir(sem_seg_root):
         raise FileNotFoundError(
             f"Synthetic semantic labels not found: {sem_seg_root}. "
-            f"Regenerate the dataset with `{PREPARE_HINT}`."
+            f"Regenerate the dataset with `{prepare_hint}`."
         )
     return records
 
 
-def register_deeperlab_synthetic(root: str, prefix: str = SYNTHETIC_DATASET_NAME) -> List[str]:
+def register_deeperlab_synthetic(
+    root: str, prefix: Optional[str] = None, variant: str = "appearance"
+) -> List[str]:
     """Register ``<prefix>_train`` and ``<prefix>_val`` in Detectron2's catalogs.
 
     Registration is lazy: the files are only read by ``DatasetCatalog.get``. Names that are
@@ -121,15 +144,19 @@ def register_deeperlab_synthetic(root: str, prefix: str = SYNTHETIC_DATASET_NAME
 
     Args:
         root: datasets root (the folder that contains ``deeperlab_synthetic``).
-        prefix: dataset name prefix; tests use a unique one.
+        prefix: dataset name prefix (default: the variant's folder name,
+            ``deeperlab_synthetic`` / ``deeperlab_synthetic_shape``); tests use a unique one.
+        variant: ``"appearance"`` (default) or ``"shape"`` (thing classes that differ by shape
+            only, under random colours: ``prepare_synthetic.py --variant shape``).
 
     Returns:
         list[str]: the registered dataset names.
     """
+    prefix = prefix or _variant_dirname(variant)
     names = []
     for split in SYNTHETIC_SPLITS:
         name = f"{prefix}_{split}"
-        paths = synthetic_split_paths(root, split)
+        paths = synthetic_split_paths(root, split, variant)
         meta = get_synthetic_metadata()
 
         def _load(paths=paths, meta=meta):
@@ -139,6 +166,7 @@ def register_deeperlab_synthetic(root: str, prefix: str = SYNTHETIC_DATASET_NAME
                 paths["panoptic_root"],
                 paths["sem_seg_root"],
                 meta,
+                _prepare_hint(variant),
             )
 
         register_panoptic_split(name, _load, {**paths, **meta})
