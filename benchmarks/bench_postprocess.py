@@ -25,6 +25,7 @@ it through /proc/self/clear_refs, minus VmRSS before the call).
 import argparse
 import ctypes
 import dataclasses
+import functools
 import gc
 import statistics
 import time
@@ -218,6 +219,36 @@ def bench_size(h, w, repeats, rng):
             timeit(lambda: votes(False), repeats),
         )
     )
+    # where keypoint_votes' time goes: the op with parts switched off
+    op = (
+        torch.ops.deeperlab_d2.keypoint_votes
+        if pp.compiled_op_available("cpu", "keypoint_votes")
+        else None
+    )
+    if op is not None:
+        norm = 1.0 / (np.pi * cfg.keypoint_radius**2)
+        args = (heat_logits[0], short[0], long[0])
+        parts = [
+            (
+                "no vote cast (allocation, sigmoid, first pass, fusion pass)",
+                (pixels[:0], 1.0, 0, 0.0),
+            ),
+            ("+ short-range votes", (pixels[:0], cfg.min_vote_prob, 0, 0.0)),
+            ("+ long-range votes, unrefined", (pixels, cfg.min_vote_prob, 0, cfg.long_vote_weight)),
+        ]
+        for name, part in parts:
+            pix, prob, steps, wl = part
+            call = functools.partial(op, *args, pix, prob, steps, norm, cfg.short_vote_weight, wl)
+            rows.append((f"   keypoint_votes: {name}", timeit(call, repeats)))
+        rows.append(
+            (
+                "   allocating and zeroing two [P, H, W] float32 maps",
+                timeit(
+                    lambda: (torch.zeros_like(heat_logits[0]), torch.zeros_like(heat_logits[0])),
+                    repeats,
+                ),
+            )
+        )
     fused, short_map, pk = votes()
     maps, short_maps = fused[None], short_map[None]
     rows.append(

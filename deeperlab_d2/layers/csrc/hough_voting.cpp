@@ -105,20 +105,17 @@ namespace {
 
 // Fewer votes than this are not worth handing to another thread.
 constexpr int64_t kMinVotesPerThread = 32768;
-// Source pixels per block of the two-pass loop in vote_rows (stack buffers of ~7 KiB).
-constexpr int64_t kBlock = 256;
 
 }  // namespace
 
 // Casts the votes of source rows [row_begin, row_end) of one plane into `out` (one plane of
 // out_h * out_w floats, accumulated with +=). out_h, out_w >= 1 and < 2^31.
 //
-// Two passes per block of a row: the first, branch-free, computes the four tap weights and the
-// top-left tap of every vote (GCC vectorizes it given -fno-trapping-math); the second scatters
-// them. Both do the same float operations in the same order as the reference implementation
-// (tap weight = (wy * wx) * weight) as bilinear_taps() in voting_common.h, so that a single
-// vote gives bit-identical results on every implementation.
-// Declared in voting_common.h (also used by the fused kernel in postprocess_cpu.cpp).
+// Two passes per block of kTapBlock pixels of a row (set_tap, then scatter_taps: see
+// voting_common.h): the same float operations in the same order as the reference
+// implementation (tap weight = (wy * wx) * weight) and bilinear_taps(), so that a single vote
+// gives bit-identical results on every implementation. Declared in voting_common.h (also used
+// by the fused kernel in postprocess_cpu.cpp).
 void vote_rows(
     const float* __restrict__ dy,
     const float* __restrict__ dx,
@@ -132,88 +129,22 @@ void vote_rows(
     float scale) {
   const float lim_y = static_cast<float>(out_h);
   const float lim_x = static_cast<float>(out_w);
-  const float max_finite = std::numeric_limits<float>::max();
-  // Votes whose 4 taps are all inside have y0 < out_h - 1 and x0 < out_w - 1 (unsigned compare).
-  const uint64_t inner_y = static_cast<uint64_t>(out_h - 1);
-  const uint64_t inner_x = static_cast<uint64_t>(out_w - 1);
-  alignas(64) int32_t cast[kBlock];
-  alignas(64) int32_t tap_y[kBlock];
-  alignas(64) int32_t tap_x[kBlock];
-  alignas(64) float w00[kBlock];
-  alignas(64) float w01[kBlock];
-  alignas(64) float w10[kBlock];
-  alignas(64) float w11[kBlock];
+  TapBlock block;
   for (int64_t y = row_begin; y < row_end; ++y) {
     const float fy = static_cast<float>(y);
-    for (int64_t x_begin = 0; x_begin < width; x_begin += kBlock) {
-      const int64_t len = std::min(kBlock, width - x_begin);
+    for (int64_t x_begin = 0; x_begin < width; x_begin += kTapBlock) {
+      const int64_t len = std::min(kTapBlock, width - x_begin);
       const float* dy_p = dy + y * width + x_begin;
       const float* dx_p = dx + y * width + x_begin;
       const float* w_p = w + y * width + x_begin;
       const float fx_begin = static_cast<float>(x_begin);
       for (int64_t i = 0; i < len; ++i) {
-        const float weight = w_p[i];
         const float py = (fy + dy_p[i]) * scale;
         const float px =
             ((fx_begin + static_cast<float>(static_cast<int32_t>(i))) + dx_p[i]) * scale;
-        // Some tap is inside the grid only for py, px in (-1, size); NaN and +-inf positions
-        // (non-finite offsets) fail these comparisons too. |weight| <= FLT_MAX rejects NaN/inf.
-        const bool ok = (weight != 0.f) & (std::fabs(weight) <= max_finite) & (py > -1.f) &
-                        (py < lim_y) & (px > -1.f) & (px < lim_x);
-        const float vy = ok ? py : 0.f;
-        const float vx = ok ? px : 0.f;
-        const int32_t ty = static_cast<int32_t>(vy);  // truncation; floor for vy >= 0
-        const int32_t tx = static_cast<int32_t>(vx);
-        const int32_t y0 = ty - (vy < static_cast<float>(ty) ? 1 : 0);
-        const int32_t x0 = tx - (vx < static_cast<float>(tx) ? 1 : 0);
-        const float ay = vy - static_cast<float>(y0);
-        const float ax = vx - static_cast<float>(x0);
-        const float by = 1.f - ay;
-        const float bx = 1.f - ax;
-        cast[i] = ok ? 1 : 0;
-        tap_y[i] = y0;
-        tap_x[i] = x0;
-        w00[i] = by * bx * weight;
-        w01[i] = by * ax * weight;
-        w10[i] = ay * bx * weight;
-        w11[i] = ay * ax * weight;
+        set_tap(block, i, py, px, w_p[i], lim_y, lim_x);
       }
-      for (int64_t i = 0; i < len; ++i) {
-        if (cast[i] == 0) {
-          continue;
-        }
-        const int64_t y0 = tap_y[i];
-        const int64_t x0 = tap_x[i];
-        if (static_cast<uint64_t>(y0) < inner_y && static_cast<uint64_t>(x0) < inner_x) {
-          float* p = out + y0 * out_w + x0;
-          p[0] += w00[i];
-          p[1] += w01[i];
-          p[out_w] += w10[i];
-          p[out_w + 1] += w11[i];
-          continue;
-        }
-        // Near the border: drop the taps outside the grid one by one.
-        const bool has_x0 = x0 >= 0;
-        const bool has_x1 = x0 + 1 < out_w;
-        if (y0 >= 0) {
-          float* row = out + y0 * out_w;
-          if (has_x0) {
-            row[x0] += w00[i];
-          }
-          if (has_x1) {
-            row[x0 + 1] += w01[i];
-          }
-        }
-        if (y0 + 1 < out_h) {
-          float* row = out + (y0 + 1) * out_w;
-          if (has_x0) {
-            row[x0] += w10[i];
-          }
-          if (has_x1) {
-            row[x0 + 1] += w11[i];
-          }
-        }
-      }
+      scatter_taps(block, len, out, out_h, out_w);
     }
   }
 }

@@ -203,75 +203,22 @@ inline void add_sample2(
   *ax = *ax + sb;
 }
 
-constexpr int64_t kSplatBlock = 256;
 // Cells of the per-thread buffer of short-range vote weights (256 KiB).
 constexpr int64_t kWeightBand = 1 << 16;
 
 // Splats weight 1 at the T points (y, x) = pts[t * stride], pts[t * stride + 1] into one
-// out_h x out_w plane (+=), with the tap arithmetic of bilinear_taps() (floor by truncation),
-// in two passes per block like splat_points' CPU kernel.
+// out_h x out_w plane (+=), with the tap arithmetic of the Hough-voting kernels.
 void splat_ones(const float* pts, int64_t stride, int64_t T, float* out, int64_t H, int64_t W) {
   const float lim_y = static_cast<float>(H);
   const float lim_x = static_cast<float>(W);
-  const uint64_t inner_y = static_cast<uint64_t>(H - 1);
-  const uint64_t inner_x = static_cast<uint64_t>(W - 1);
-  alignas(64) int32_t cast[kSplatBlock];
-  alignas(64) int32_t tap_y[kSplatBlock];
-  alignas(64) int32_t tap_x[kSplatBlock];
-  alignas(64) float w00[kSplatBlock];
-  alignas(64) float w01[kSplatBlock];
-  alignas(64) float w10[kSplatBlock];
-  alignas(64) float w11[kSplatBlock];
-  for (int64_t block = 0; block < T; block += kSplatBlock) {
-    const int64_t len = std::min(kSplatBlock, T - block);
-    const float* p = pts + block * stride;
+  TapBlock block;
+  for (int64_t begin = 0; begin < T; begin += kTapBlock) {
+    const int64_t len = std::min(kTapBlock, T - begin);
+    const float* p = pts + begin * stride;
     for (int64_t i = 0; i < len; ++i) {
-      const float py = p[i * stride];
-      const float px = p[i * stride + 1];
-      const bool ok = (py > -1.f) & (py < lim_y) & (px > -1.f) & (px < lim_x);
-      const float vy = ok ? py : 0.f;
-      const float vx = ok ? px : 0.f;
-      const int32_t y0 = static_cast<int32_t>(floor_small(vy));
-      const int32_t x0 = static_cast<int32_t>(floor_small(vx));
-      const float ay = vy - static_cast<float>(y0);
-      const float ax = vx - static_cast<float>(x0);
-      const float by = 1.f - ay;
-      const float bx = 1.f - ax;
-      cast[i] = ok ? 1 : 0;
-      tap_y[i] = y0;
-      tap_x[i] = x0;
-      w00[i] = by * bx * 1.f;
-      w01[i] = by * ax * 1.f;
-      w10[i] = ay * bx * 1.f;
-      w11[i] = ay * ax * 1.f;
+      set_tap(block, i, p[i * stride], p[i * stride + 1], 1.f, lim_y, lim_x);
     }
-    for (int64_t i = 0; i < len; ++i) {
-      if (cast[i] == 0) {
-        continue;
-      }
-      const int64_t y0 = tap_y[i];
-      const int64_t x0 = tap_x[i];
-      if (static_cast<uint64_t>(y0) < inner_y && static_cast<uint64_t>(x0) < inner_x) {
-        float* q = out + y0 * W + x0;
-        q[0] += w00[i];
-        q[1] += w01[i];
-        q[W] += w10[i];
-        q[W + 1] += w11[i];
-        continue;
-      }
-      const bool has_x0 = x0 >= 0;
-      const bool has_x1 = x0 + 1 < W;
-      if (y0 >= 0) {
-        float* row = out + y0 * W;
-        if (has_x0) row[x0] += w00[i];
-        if (has_x1) row[x0 + 1] += w01[i];
-      }
-      if (y0 + 1 < H) {
-        float* row = out + (y0 + 1) * W;
-        if (has_x0) row[x0] += w10[i];
-        if (has_x1) row[x0 + 1] += w11[i];
-      }
-    }
+    scatter_taps(block, len, out, H, W);
   }
 }
 
@@ -333,7 +280,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
   if (P == 0 || HW == 0) {
     return {fused, shrt, kps};
   }
-  const float* hp = heat.data_ptr<float>();
   const float* sp = so.data_ptr<float>();
   const float* lp = lo.data_ptr<float>();
   const int64_t* pix = pixels.data_ptr<int64_t>();

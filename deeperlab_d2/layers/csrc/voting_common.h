@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define DEEPERLAB_HD __host__ __device__ __forceinline__
@@ -141,5 +142,85 @@ DEEPERLAB_HD BilinearTaps bilinear_taps(float py, float px, float weight) {
   t.w11 = mul_rn(mul_rn(ay, ax), weight);
   return t;
 }
+
+#if !defined(__CUDACC__)
+// ---- CPU: votes in blocks, two passes (the dense and the fused kernels) --------------------
+// A block of votes: a branch-free first pass computes every vote's taps (set_tap: GCC
+// vectorizes it given -fno-trapping-math), then scatter_taps adds them to the output.
+constexpr int64_t kTapBlock = 256;
+
+struct TapBlock {
+  alignas(64) int32_t cast[kTapBlock];
+  alignas(64) int32_t tap_y[kTapBlock];
+  alignas(64) int32_t tap_x[kTapBlock];
+  alignas(64) float w00[kTapBlock];
+  alignas(64) float w01[kTapBlock];
+  alignas(64) float w10[kTapBlock];
+  alignas(64) float w11[kTapBlock];
+};
+
+// Vote i of the block: `weight` at (py, px) (already scaled) into an out_h x out_w grid (lim_y,
+// lim_x = out_h, out_w as floats). The arithmetic of bilinear_taps(), floor by truncation.
+inline void set_tap(TapBlock& b, int64_t i, float py, float px, float weight, float lim_y,
+                    float lim_x) {
+  // Some tap is inside the grid only for py, px in (-1, size); NaN and +-inf positions
+  // (non-finite offsets) fail these comparisons too. |weight| <= FLT_MAX rejects NaN/inf.
+  const bool ok = (weight != 0.f) & (std::fabs(weight) <= std::numeric_limits<float>::max()) &
+                  (py > -1.f) & (py < lim_y) & (px > -1.f) & (px < lim_x);
+  const float vy = ok ? py : 0.f;
+  const float vx = ok ? px : 0.f;
+  const int32_t ty = static_cast<int32_t>(vy);  // truncation; floor for vy >= 0
+  const int32_t tx = static_cast<int32_t>(vx);
+  const int32_t y0 = ty - (vy < static_cast<float>(ty) ? 1 : 0);
+  const int32_t x0 = tx - (vx < static_cast<float>(tx) ? 1 : 0);
+  const float ay = vy - static_cast<float>(y0);
+  const float ax = vx - static_cast<float>(x0);
+  const float by = 1.f - ay;
+  const float bx = 1.f - ax;
+  b.cast[i] = ok ? 1 : 0;
+  b.tap_y[i] = y0;
+  b.tap_x[i] = x0;
+  b.w00[i] = by * bx * weight;
+  b.w01[i] = by * ax * weight;
+  b.w10[i] = ay * bx * weight;
+  b.w11[i] = ay * ax * weight;
+}
+
+// Adds the taps of votes [0, len) of the block to `out` (out_h x out_w, both >= 1), in order;
+// taps outside the grid are dropped one by one.
+inline void scatter_taps(const TapBlock& b, int64_t len, float* __restrict__ out, int64_t out_h,
+                         int64_t out_w) {
+  // Votes whose 4 taps are all inside have y0 < out_h - 1 and x0 < out_w - 1 (unsigned compare).
+  const uint64_t inner_y = static_cast<uint64_t>(out_h - 1);
+  const uint64_t inner_x = static_cast<uint64_t>(out_w - 1);
+  for (int64_t i = 0; i < len; ++i) {
+    if (b.cast[i] == 0) {
+      continue;
+    }
+    const int64_t y0 = b.tap_y[i];
+    const int64_t x0 = b.tap_x[i];
+    if (static_cast<uint64_t>(y0) < inner_y && static_cast<uint64_t>(x0) < inner_x) {
+      float* p = out + y0 * out_w + x0;
+      p[0] += b.w00[i];
+      p[1] += b.w01[i];
+      p[out_w] += b.w10[i];
+      p[out_w + 1] += b.w11[i];
+      continue;
+    }
+    const bool has_x0 = x0 >= 0;
+    const bool has_x1 = x0 + 1 < out_w;
+    if (y0 >= 0) {
+      float* row = out + y0 * out_w;
+      if (has_x0) row[x0] += b.w00[i];
+      if (has_x1) row[x0 + 1] += b.w01[i];
+    }
+    if (y0 + 1 < out_h) {
+      float* row = out + (y0 + 1) * out_w;
+      if (has_x0) row[x0] += b.w10[i];
+      if (has_x1) row[x0 + 1] += b.w11[i];
+    }
+  }
+}
+#endif  // !defined(__CUDACC__)
 
 }  // namespace deeperlab_d2
