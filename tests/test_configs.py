@@ -19,6 +19,11 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 def load(path, *opts):
     cfg = get_cfg()
     add_deeperlab_config(cfg)
+    if os.path.basename(path).startswith("d2_"):
+        # Detectron2's own Panoptic-DeepLab with the plugin's backbone (learning-curve reference)
+        from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
+
+        add_panoptic_deeplab_config(cfg)
     cfg.merge_from_file(path)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
     return cfg
@@ -43,6 +48,18 @@ def test_config_loads_and_model_builds(path):
     if os.path.basename(path).startswith("Base-"):
         return  # a base: loads, its leaves build the models
     model = build_model(cfg).eval()
+    if os.path.basename(path).startswith("d2_"):
+        # Detectron2's PanopticDeepLab on the plugin's backbone: its standard outputs (its ASPP
+        # pools over the training crop's size: the input has that size)
+        assert type(model).__name__ == "PanopticDeepLab"
+        assert type(model.backbone).__module__.startswith("deeperlab_d2.")
+        h, w = cfg.INPUT.CROP.SIZE
+        with torch.no_grad():
+            (out,) = model([{"image": torch.rand(3, h, w) * 255, "height": h, "width": w}])
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        assert out["sem_seg"].shape == (num_classes, h, w)
+        assert out["panoptic_seg"][0].shape == (h, w)
+        return
     c = cfg.MODEL.DEEPERLAB
     h, w = 64, 96
     with torch.no_grad():
