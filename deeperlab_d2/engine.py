@@ -7,21 +7,59 @@ scheduler) in its checkpoints: after ``--resume`` the optimizer starts again wit
 :class:`Trainer` also saves and restores the optimizer (``"_trainer"``, the format of later
 Detectron2 releases), and resumes through :class:`~deeperlab_d2.checkpoint.DeeperLabCheckpointer`
 (never silently from iteration 0 when ``OUTPUT_DIR`` holds checkpoints).
+
+Distributed training (one process per GPU, on one or several machines) also works for a CPU
+model, in processes joined by a gloo process group (``tests/test_distributed.py``; Detectron2
+0.6's ``launch`` itself needs CUDA): Detectron2 wraps the model with ``DistributedDataParallel``
+passing ``device_ids=[local rank]``, which DDP refuses for a CPU module; see
+:func:`create_ddp_model`. In several processes, :meth:`Trainer.test` evaluates the model that
+rank 0 checkpoints: see :func:`broadcast_buffers`.
 """
 
 import logging
 import weakref
+from unittest import mock
 
-from detectron2.engine import DefaultTrainer, hooks
+import torch.distributed as dist
+from detectron2.engine import DefaultTrainer, defaults, hooks
+from detectron2.utils import comm
 
 from .checkpoint import DeeperLabCheckpointer
 from .data import DeeperLabDatasetMapper, build_test_loader, build_train_loader
 from .evaluation import build_evaluator
 from .solver import build_lr_scheduler, build_optimizer
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "broadcast_buffers", "create_ddp_model"]
 
 logger = logging.getLogger(__name__)
+
+_d2_create_ddp_model = defaults.create_ddp_model
+
+
+def create_ddp_model(model, **kwargs):
+    """Detectron2's ``create_ddp_model`` (the model itself in a single process, else wrapped in
+    ``DistributedDataParallel(model, **kwargs)``), which also wraps a CPU model: Detectron2
+    0.6 passes ``device_ids=[comm.get_local_rank()]`` unless given, and DDP requires
+    ``device_ids=None`` for a CPU module (the gloo backend, e.g. CPU processes in tests). CUDA
+    models keep Detectron2's behaviour."""
+    if "device_ids" not in kwargs and all(p.device.type == "cpu" for p in model.parameters()):
+        kwargs["device_ids"] = None
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process; a no-op in a
+    single process. Every process must call it (a collective).
+
+    DDP averages the gradients, so the parameters stay the same in every process, but
+    Detectron2 wraps the model with ``broadcast_buffers=False``: with ``BN`` (not ``SyncBN``)
+    each process updates its running statistics from its own images (and PreciseBN recomputes
+    them per process), so the processes hold different eval-mode models. Rank 0's is the one
+    the checkpoints save."""
+    if comm.get_world_size() == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 class Trainer(DefaultTrainer):
@@ -29,7 +67,10 @@ class Trainer(DefaultTrainer):
     whose checkpoints hold the optimizer state and whose resume never fails silently."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        # DefaultTrainer.__init__ calls detectron2.engine.defaults.create_ddp_model, which
+        # cannot wrap a CPU model; ours can (for the duration of this call only)
+        with mock.patch.object(defaults, "create_ddp_model", create_ddp_model):
+            super().__init__(cfg)
         self.checkpointer = DeeperLabCheckpointer(
             self.checkpointer.model, self.checkpointer.save_dir, trainer=weakref.proxy(self)
         )
@@ -63,6 +104,15 @@ class Trainer(DefaultTrainer):
                 "The checkpoint holds no optimizer state (saved by an older version): the "
                 "optimizer restarts with empty state (no momentum / Adam moments)"
             )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's evaluation (each process runs a share of the images, the evaluators
+        gather), of rank 0's model in every process (:func:`broadcast_buffers`): so the
+        evaluation during training in N processes gives the metrics of ``--eval-only`` of its
+        checkpoint in one."""
+        broadcast_buffers(model)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg):
