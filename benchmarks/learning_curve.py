@@ -171,6 +171,9 @@ def report(output: Path) -> str:
             style = "-o" if variant == "appearance" else "--s"
             ax.plot(xs, ys, style, label=f"{rep} ({variant})")
         ax.set_xscale("log", base=2)
+        budgets = sorted({int(k.split("/")[2]) for k in keys})
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("training iterations (batch 4, each a full poly schedule)")
         ax.set_ylabel("PQ on synthetic val")
         ax.grid(True, alpha=0.3)
