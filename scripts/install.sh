@@ -7,7 +7,7 @@
 #   2. torch 2.14.1 + torchvision 0.29.1, unless the venv already imports torch+torchvision
 #   3. detectron2, unless the venv already imports it: the PyPI sdist pb1-detectron2==0.6
 #      (upstream v0.6, checked by sha256) plus this project's minimal csrc/vision.cpp
-#   4. panopticapi (panopticapi-lite, --no-deps), pytest, ruff
+#   4. panopticapi (panopticapi-lite, --no-deps), pytest, ruff; timm, onnx, onnxruntime, onnxscript
 #   5. this plugin: pip install --no-build-isolation -e .
 # Every pip call uses scripts/constraints.txt.
 set -euo pipefail
@@ -82,6 +82,12 @@ fi
 if ! have "import pytest"; then
   log "installing pytest, ruff"
   "${PIP[@]}" install -c "$CONSTRAINTS" pytest ruff
+fi
+# the optional extras the tests exercise: timm (the Xception-71 converter), onnx + onnxruntime +
+# onnxscript (ONNX export); pip install "deeperlab_d2[convert,export]" outside this script
+if ! have "import timm, onnx, onnxruntime, onnxscript"; then
+  log "installing timm, onnx, onnxruntime, onnxscript"
+  "${PIP[@]}" install -c "$CONSTRAINTS" timm onnx onnxruntime onnxscript
 fi
 
 # ---- 5. the plugin -----------------------------------------------------------------------
