@@ -117,7 +117,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2's loader with the DeeperLab mapper; dataset-loading errors name the file,
-        mismatched annotations are skipped if DATALOADER.ON_ANNOTATION_MISMATCH is "skip"."""
+        mismatched annotations are skipped if DATALOADER.ON_ANNOTATION_MISMATCH is "skip".
+        Detectron2's stock meta-architectures (configs/detectron2: instances and semantic PNGs
+        as targets) get Detectron2's own loader and DatasetMapper."""
+        if cfg.MODEL.META_ARCHITECTURE != "DeeperLab":
+            return super().build_train_loader(cfg)
         return build_train_loader(cfg, DeeperLabDatasetMapper(cfg, True))
 
     @classmethod

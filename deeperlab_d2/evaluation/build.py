@@ -44,10 +44,26 @@ def _panoptic_evaluators(dataset_name: str, output_dir: str) -> List[DatasetEval
     return evaluators
 
 
+def _coco_instance_evaluators(dataset_name: str, output_dir: str) -> List[DatasetEvaluator]:
+    """Box (and mask, if predicted) AP of a COCO-format instance dataset (Detectron2's stock
+    detectors of configs/detectron2)."""
+    return [
+        COCOEvaluator(dataset_name, distributed=True, output_dir=output_dir, use_fast_impl=False)
+    ]
+
+
+def _sem_seg_evaluators(dataset_name: str, output_dir: str) -> List[DatasetEvaluator]:
+    """mIoU of a semantic segmentation dataset (Detectron2's SemanticSegmentor)."""
+    return [SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)]
+
+
 #: evaluator_type -> factory(dataset_name, output_dir) -> list of evaluators
 EVALUATOR_FACTORIES: Dict[str, Callable[[str, str], List[DatasetEvaluator]]] = {
     "coco_panoptic_seg": _panoptic_evaluators,
     "cityscapes_panoptic_seg": _panoptic_evaluators,
+    # Detectron2's stock meta-architectures on the plugin's backbones (configs/detectron2)
+    "coco": _coco_instance_evaluators,
+    "sem_seg": _sem_seg_evaluators,
 }
 
 
