@@ -4,20 +4,26 @@
 Usage::
 
     python -m deeperlab_d2.convert mobilenet_v2 --source mobilenet_v2_imagenet.pth \\
-        --output wmnv2_imagenet.pth [--width-mult 1.0] [--kernel-size 5|3] [--norm BN]
+        --output weights/wmnv2_imagenet.pth [--width-mult 1.0] [--kernel-size 5|3] [--norm BN]
+    python -m deeperlab_d2.convert xception71 --source xception71_timm.pth|.safetensors|timm \\
+        --output weights/xception71_imagenet.pth [--norm BN] [--source-bn-eps 0.001]
 
-The options default to the ``MODEL.MOBILENETV2`` defaults (W-MNV2: width 1.0, 5x5 depthwise
-kernels, BN); pass the values of the config you train.
+Both take ``--prefix`` (default ``backbone.``, see below).
 
-Each source network is a subcommand (only ``mobilenet_v2`` for now: torchvision's
-``mobilenet_v2``; Xception-71 from timm is not converted yet). The output is a Detectron2
-checkpoint ``{"model": state_dict, "__author__": ...}`` whose keys carry the ``backbone.`` prefix
-of the meta-architectures' state_dicts, so ``DetectionCheckpointer`` loads it into the backbone of
-a DeeperLab (or Panoptic-DeepLab) model; the heads stay randomly initialised.
+The options default to the ``MODEL.MOBILENETV2`` / ``MODEL.XCEPTION`` defaults (W-MNV2: width
+1.0, 5x5 depthwise kernels, BN; Xception-71: BN); pass the values of the config you train.
+
+Each source network is a subcommand: ``mobilenet_v2`` (torchvision's ``mobilenet_v2``) and
+``xception71`` (timm's ``xception71``, the aligned Xception-71 of TF DeepLab). The output is a
+Detectron2 checkpoint ``{"model": state_dict, "__author__": ...}`` whose keys carry the
+``backbone.`` prefix of the meta-architectures' state_dicts, so ``DetectionCheckpointer`` loads
+it into the backbone of a DeeperLab (or Panoptic-DeepLab) model; the heads stay randomly
+initialised.
 
 Every conversion reports the source tensors it did not use (for MobileNetV2: the final 1x1 conv
-to 1280 channels and the classifier, which the backbone drops) and the target tensors it did not
-fill; a missing source tensor or one of another shape is an error naming the tensor.
+to 1280 channels and the classifier, which the backbone drops; for Xception-71: the classifier
+``head.fc``) and the target tensors it did not fill; a missing source tensor or one of another
+shape is an error naming the tensor.
 
 MobileNetV2 -> W-MNV2: the plugin's W-MNV2 (``MODEL.MOBILENETV2.KERNEL_SIZE 5``) differs from
 MobileNetV2 only by its 5x5 depthwise kernels (channel counts are the same for the same
@@ -26,6 +32,66 @@ backbone pads a depthwise conv by ``dilation * (kernel_size - 1) // 2`` on each 
 ``dilation`` more per side for 5x5 than for 3x3, so at every stride and dilation the 5x5 kernel
 reads the same inputs with the same weights (the added taps see zero weights) and the network
 computes exactly the ImageNet MobileNetV2 features.
+
+timm xception71 -> Xception-71: timm's ``xception71`` is TF DeepLab's ``xception_71`` (its
+``tf_in1k`` weights are DeepLab's ImageNet checkpoint). Every tensor maps one to one, by
+structure: timm's ``stem.{0,1}`` (conv + BN + ReLU) are our ``stem.{0,1}``; ``blocks.0`` ..
+``blocks.22`` are our ``entry_flow1..5``, ``middle_flow1..16``, ``exit_flow1..2`` (checked
+against :data:`TIMM_XCEPTION71_BLOCKS`: channels, stride and shortcut of every block); a
+block's ``stack.conv{1,2,3}`` (``conv_dw``, ``bn_dw``, ``conv_pw``, ``bn_pw``) are our
+``convs.{0,1,2}`` (``depthwise``, ``pointwise`` and their ``norm``), its ``shortcut.conv`` /
+``shortcut.bn`` our ``shortcut`` and its ``norm``. Kernel sizes, strides, the atrous scheme
+(the block whose stride is removed keeps the previous dilation) and the symmetric padding
+(``dilation * (k - 1) // 2``; 0 for the strided 1x1 shortcuts) are the same, so every conv
+computes the same thing on the same input. ``head.fc`` (the classifier) is unused.
+
+* BatchNorm epsilon: timm's (and TF DeepLab's) is 1e-3, Detectron2's norms use 1e-5. The
+  converter adds the difference to every ``running_var`` (``var + 1e-3 - 1e-5``), so with the
+  ImageNet statistics (eval mode, FrozenBN) every BN computes exactly timm's
+  ``(x - mean) / sqrt(var + 1e-3)``. In training mode BN normalises by the batch variance
+  plus 1e-5 instead of plus 1e-3, a negligible difference.
+
+* Not the same function: our blocks place ReLUs differently from timm / TF DeepLab, so the
+  converted backbone does **not** compute timm's features (the stem does; the first block
+  already differs). The weights all land where they belong, but three things differ:
+
+  1. ReLU inside the separable convs. In timm's blocks 0..21 (``start_with_relu``, TF
+     DeepLab's ``activation_fn_in_separable_conv=False``) a separable conv is
+     ``ReLU -> depthwise -> BN -> pointwise -> BN``: no ReLU between the depthwise BN and the
+     pointwise conv. Our :class:`~deeperlab_d2.modeling.blocks.SeparableConv2d` applies one
+     there (``depthwise -> BN -> ReLU -> pointwise -> BN [-> ReLU]``), as the DeepLabv3+
+     paper's text describes ("extra BN and ReLU after each 3x3 depthwise convolution") but
+     its released code and ImageNet checkpoints do not: 66 extra ReLUs, 3 in each of
+     entry_flow1..5, middle_flow1..16 and exit_flow1. No weight can undo a ReLU.
+  2. ReLU after the residual sum. timm returns ``branch + shortcut`` without ReLU; the ReLU
+     comes first thing in the next block's branch (``stack.act1``), while the next block's
+     shortcut (1x1 conv, or identity in the middle flow) reads the sum before that ReLU. Our
+     :class:`~deeperlab_d2.modeling.backbone.xception.XceptionBlock` returns
+     ``ReLU(branch + shortcut)``, so the shortcuts of entry_flow2..5 and exit_flow1 and the
+     identities of middle_flow1..16 read ``ReLU(x)`` instead of ``x`` (entry_flow1's input
+     is the stem's ReLU output in both: same).
+  3. exit_flow2 (timm's ``blocks.22``: no shortcut, ``start_with_relu=False``, TF's
+     ``activation_fn_in_separable_conv=True``) has the same layers in both (``depthwise ->
+     BN -> ReLU -> pointwise -> BN -> ReLU``, three times), but reads timm's exit-flow-1 sum
+     without ReLU and ours with it.
+
+  :func:`xception71_differences` lists these per block (from the built modules for 1.) and
+  every Xception-71 report prints them. The ImageNet weights are then an initialisation of a
+  related network rather than the pretrained function (how much of their benefit survives
+  is not measured here). Making ``XceptionBlock`` follow timm / TF DeepLab (ReLU before each
+  separable conv instead of after its depthwise BN, except in exit_flow2; no ReLU after the
+  residual sum) would make the conversion exact: ``tests/test_convert.py`` runs our converted
+  modules in timm's order and gets timm's block outputs at res2..res5, at output stride 32
+  and 16. (Not at 8: there timm's ``xception71(output_stride=8)`` builds ``blocks.4`` with
+  stride 1 and, 728 channels in and out, without the 1x1 conv shortcut that its ImageNet
+  weights hold; TF DeepLab and ours keep that shortcut at every output stride.)
+
+* Input: timm's ``xception71`` (like TF DeepLab) was trained on images scaled to [-1, 1], i.e.
+  ``MODEL.PIXEL_MEAN`` = ``MODEL.PIXEL_STD`` = ``[127.5, 127.5, 127.5]`` on 0-255 RGB, not
+  torchvision's ImageNet mean / std.
+
+``--prefix backbone.bottom_up.`` writes the keys of the ``*_fpn_backbone`` models (Detectron2's
+FPN keeps the plugin's backbone as ``bottom_up``).
 """
 
 import argparse
@@ -37,19 +103,27 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .modeling.backbone.mobilenet_v2 import MobileNetV2
+from .modeling.backbone.xception import Xception71
 
 __all__ = [
     "BN_NORMS",
+    "TIMM_XCEPTION71_BLOCKS",
+    "TIMM_XCEPTION71_BN_EPS",
+    "TIMM_XCEPTION71_PRETRAINED",
     "Conversion",
     "ConversionError",
-    "convert_mobilenet_v2",
     "convert_file",
+    "convert_mobilenet_v2",
+    "convert_xception71",
     "load_source_state_dict",
     "main",
     "mobilenet_v2_key_map",
     "save_checkpoint",
+    "xception71_differences",
+    "xception71_key_map",
 ]
 
 # norms whose parameters/buffers are BatchNorm's (weight, bias, running_mean, running_var and,
@@ -78,6 +152,11 @@ class Conversion:
             the model's own initialisation when loaded (not in ``state_dict``).
         zero_padded: target keys of depthwise kernels zero-padded to a larger kernel.
         source: where the source came from (a path, or "state_dict").
+        bn_eps_shifted: target ``running_var`` keys to which ``bn_eps[0] - bn_eps[1]`` was
+            added, so that BatchNorm with the target's epsilon computes the source's.
+        bn_eps: (source BatchNorm epsilon, target BatchNorm epsilon) when they differ.
+        differences: where the target network computes another function than the source
+            although every tensor maps (one line each); empty when it is the same function.
     """
 
     state_dict: "OrderedDict[str, torch.Tensor]"
@@ -85,21 +164,36 @@ class Conversion:
     unfilled_target: List[str] = field(default_factory=list)
     zero_padded: List[str] = field(default_factory=list)
     source: str = "state_dict"
+    bn_eps_shifted: List[str] = field(default_factory=list)
+    bn_eps: Optional[Tuple[float, float]] = None
+    differences: List[str] = field(default_factory=list)
 
     def format_report(self) -> str:
-        """A human-readable report listing every unused source and unfilled target tensor."""
+        """A human-readable report listing every unused source and unfilled target tensor, and
+        where the target is not the source's function."""
+        notes = []
+        if self.zero_padded:
+            notes.append(f"{len(self.zero_padded)} depthwise kernels zero-padded")
+        if self.bn_eps_shifted:
+            src_eps, tgt_eps = self.bn_eps
+            notes.append(
+                f"{len(self.bn_eps_shifted)} BatchNorm running_var shifted by "
+                f"{src_eps - tgt_eps:+.6g} for BatchNorm eps {src_eps:g} -> {tgt_eps:g}"
+            )
         lines = [
             f"converted {len(self.state_dict)} tensors from {self.source}"
-            + (
-                f" ({len(self.zero_padded)} depthwise kernels zero-padded)"
-                if self.zero_padded
-                else ""
-            )
+            + (f" ({'; '.join(notes)})" if notes else "")
         ]
         lines.append(f"source tensors not used: {len(self.unused_source)}")
         lines += [f"  {k}" for k in self.unused_source]
         lines.append(f"target tensors not filled: {len(self.unfilled_target)}")
         lines += [f"  {k}" for k in self.unfilled_target]
+        if self.differences:
+            lines.append(
+                f"not the same function as the source ({len(self.differences)} differences; "
+                "every tensor maps, the layers between them differ):"
+            )
+            lines += [f"  - {d}" for d in self.differences]
         return "\n".join(lines)
 
 
@@ -113,9 +207,10 @@ def load_source_state_dict(source: SourceLike) -> "OrderedDict[str, torch.Tensor
 
     Args:
         source: a state_dict, or the path of a file holding one (``torch.save(model.state_dict())``,
-            e.g. torchvision's downloaded weights) or a training checkpoint with the state_dict
-            under ``"model"`` or ``"state_dict"`` (torchvision's reference scripts). A
-            ``module.`` prefix (DataParallel) is removed.
+            e.g. torchvision's downloaded weights; or a ``.safetensors`` file, e.g. timm's
+            ``model.safetensors`` from the Hugging Face Hub) or a training checkpoint with the
+            state_dict under ``"model"`` or ``"state_dict"`` (torchvision's and timm's training
+            scripts). A ``module.`` prefix (DataParallel) is removed.
 
     Raises:
         ConversionError: the file cannot be read as tensors only, or holds no state_dict.
@@ -125,15 +220,10 @@ def load_source_state_dict(source: SourceLike) -> "OrderedDict[str, torch.Tensor
         name = os.fspath(source)
         if not os.path.isfile(name):
             raise ConversionError(f"source weights {name} do not exist")
-        try:
-            loaded = torch.load(name, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling errors, truncated files ...
-            raise ConversionError(
-                f"cannot read source weights {name} (loaded with weights_only=True): "
-                f"{type(e).__name__}: {e}. If it is a training checkpoint holding other Python "
-                "objects, save its state_dict alone, e.g. "
-                "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
-            ) from e
+        if name.endswith(".safetensors"):
+            loaded = _load_safetensors(name)
+        else:
+            loaded = _load_torch(name)
     else:
         loaded = source
     if isinstance(loaded, Mapping):
@@ -152,6 +242,33 @@ def load_source_state_dict(source: SourceLike) -> "OrderedDict[str, torch.Tensor
         key = key[len("module.") :] if key.startswith("module.") else key
         state_dict[key] = value
     return state_dict
+
+
+def _load_safetensors(name: str) -> Dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ConversionError(
+            f"reading {name} needs the safetensors package (pip install safetensors)"
+        ) from e
+    try:
+        return load_file(name, device="cpu")
+    except Exception as e:  # header or data errors
+        raise ConversionError(
+            f"cannot read source weights {name} as safetensors: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _load_torch(name: str):
+    try:
+        return torch.load(name, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors, truncated files ...
+        raise ConversionError(
+            f"cannot read source weights {name} (loaded with weights_only=True): "
+            f"{type(e).__name__}: {e}. If it is a training checkpoint holding other Python "
+            "objects, save its state_dict alone, e.g. "
+            "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
+        ) from e
 
 
 def save_checkpoint(conversion: Conversion, output: Union[str, os.PathLike]) -> None:
@@ -380,6 +497,318 @@ def convert_mobilenet_v2(
 
 
 # ------------------------------------------------------------------------------------------
+# timm xception71 -> deeperlab_d2 Xception-71
+# ------------------------------------------------------------------------------------------
+
+#: BatchNorm epsilon of timm's ``xception71`` (TF DeepLab's ``batch_norm_epsilon``); a
+#: state_dict does not record it.
+TIMM_XCEPTION71_BN_EPS = 1e-3
+#: the timm model whose pretrained weights ``--source timm`` takes (DeepLab's ImageNet
+#: checkpoint, timm's default for ``xception71``)
+TIMM_XCEPTION71_PRETRAINED = "xception71.tf_in1k"
+#: timm's ``xception71`` block_cfg (TF DeepLab's ``xception_71`` blocks), for ``blocks.0`` ..
+#: ``blocks.22``: (in channels, channels of the three separable convs, stride, no_skip,
+#: start_with_relu)
+TIMM_XCEPTION71_BLOCKS = (
+    (64, (128, 128, 128), 2, False, True),
+    (128, (256, 256, 256), 1, False, True),
+    (256, (256, 256, 256), 2, False, True),
+    (256, (728, 728, 728), 1, False, True),
+    (728, (728, 728, 728), 2, False, True),
+    *[(728, (728, 728, 728), 1, False, True)] * 16,
+    (728, (728, 1024, 1024), 2, False, True),
+    (1024, (1536, 1536, 2048), 1, True, False),
+)
+
+
+def _timm_shortcut(in_channels: int, channels: Sequence[int], stride: int, no_skip: bool) -> str:
+    """The shortcut timm's ``XceptionModule`` builds: a 1x1 conv + BN when the channels or the
+    resolution change, else the identity; none with ``no_skip``."""
+    if no_skip:
+        return "none"
+    return "conv" if channels[-1] != in_channels or stride != 1 else "identity"
+
+
+def _build_xception71(norm: str) -> Xception71:
+    """The plugin's Xception-71 at output stride 32 (the nominal strides; dilations change no
+    shape) on the meta device: only its structure, shapes and norms are used."""
+    with torch.device("meta"):
+        return Xception71(output_stride=32, norm=norm)
+
+
+def _xception71_blocks(backbone: Xception71) -> List[Tuple[str, int, tuple]]:
+    """(our block name, timm block index, timm block_cfg) for every block, in order, after
+    checking that both have the same input and output channels, stride and shortcut.
+
+    Raises:
+        ConversionError: the two layouts differ (the plugin's Xception71 was changed).
+    """
+    names = list(backbone.stage_names)
+    problems = []
+    if len(names) != len(TIMM_XCEPTION71_BLOCKS):
+        problems.append(f"{len(names)} blocks, timm's xception71 has {len(TIMM_XCEPTION71_BLOCKS)}")
+    blocks = []
+    for index, (name, cfg) in enumerate(zip(names, TIMM_XCEPTION71_BLOCKS)):
+        block = getattr(backbone, name)
+        ours = (
+            block.convs[0].depthwise.in_channels,
+            tuple(conv.pointwise.out_channels for conv in block.convs),
+            block.convs[-1].depthwise.stride[0],
+            block.shortcut_type,
+        )
+        theirs = (*cfg[:3], _timm_shortcut(*cfg[:4]))  # in, channels, stride, shortcut
+        if ours != theirs:
+            problems.append(
+                f"{name} (in, channels, stride, shortcut) = {ours}, timm's blocks.{index} {theirs}"
+            )
+        blocks.append((name, index, cfg))
+    if problems:
+        raise ConversionError(
+            "the plugin's Xception71 does not have the layout of timm's xception71: "
+            + "; ".join(problems)
+        )
+    return blocks
+
+
+def xception71_key_map(backbone: Optional[Xception71] = None) -> Dict[str, str]:
+    """Map the keys of :class:`~deeperlab_d2.modeling.backbone.Xception71` (unprefixed) to
+    those of timm's ``xception71``.
+
+    timm's ``stem.{0,1}`` are ``ConvNormAct`` (``.conv``, ``.bn``); ``blocks.{i}`` is our
+    i-th block (``entry_flow1..5``, ``middle_flow1..16``, ``exit_flow1..2``, see
+    :data:`TIMM_XCEPTION71_BLOCKS`), its ``stack.conv{j+1}`` (``conv_dw``, ``bn_dw``,
+    ``conv_pw``, ``bn_pw``) our ``convs.{j}`` (``depthwise``, ``pointwise``, each with
+    ``.norm``), its ``shortcut.conv`` / ``shortcut.bn`` our 1x1 ``shortcut`` (blocks with a
+    conv shortcut only). ``head.fc`` has no counterpart.
+
+    Args:
+        backbone: the target (its structure gives the blocks and shortcuts); default: a
+            BN Xception71.
+
+    Raises:
+        ConversionError: the block layouts differ.
+    """
+    backbone = _build_xception71("BN") if backbone is None else backbone
+    # (target layer, source conv, source BN)
+    layers = [(f"stem.{i}", f"stem.{i}.conv", f"stem.{i}.bn") for i in range(len(backbone.stem))]
+    for name, index, _cfg in _xception71_blocks(backbone):
+        block, src = getattr(backbone, name), f"blocks.{index}"
+        for j in range(len(block.convs)):
+            tgt, sep = f"{name}.convs.{j}", f"{src}.stack.conv{j + 1}"
+            layers += [
+                (f"{tgt}.depthwise", f"{sep}.conv_dw", f"{sep}.bn_dw"),
+                (f"{tgt}.pointwise", f"{sep}.conv_pw", f"{sep}.bn_pw"),
+            ]
+        if block.shortcut is not None:
+            layers.append((f"{name}.shortcut", f"{src}.shortcut.conv", f"{src}.shortcut.bn"))
+    key_map = {}
+    for tgt, src_conv, src_bn in layers:
+        key_map[f"{tgt}.weight"] = f"{src_conv}.weight"
+        for name in _BN_TENSORS:
+            key_map[f"{tgt}.norm.{name}"] = f"{src_bn}.{name}"
+    return key_map
+
+
+def _name_ranges(names: Sequence[str]) -> str:
+    """``entry_flow1, entry_flow2, entry_flow3, middle_flow1`` -> ``entry_flow1..3,
+    middle_flow1``."""
+    groups: List[List] = []  # [stem, first number, last number]
+    for name in names:
+        stem = name.rstrip("0123456789")
+        number = int(name[len(stem) :]) if len(stem) < len(name) else None
+        last = groups[-1] if groups else None
+        if last and number is not None and last[0] == stem and last[2] == number - 1:
+            last[2] = number
+        else:
+            groups.append([stem, number, number])
+    return ", ".join(
+        f"{stem}{first}" + (f"..{last}" if last != first else "") if first is not None else stem
+        for stem, first, last in groups
+    )
+
+
+def xception71_differences(backbone: Optional[Xception71] = None) -> List[str]:
+    """Where the plugin's Xception-71 with timm's weights computes another function than
+    timm's ``xception71`` (see the module docstring), one line each; empty if none.
+
+    The ReLU between depthwise BN and pointwise conv is read from the built modules (our
+    ``SeparableConv2d``'s ``depthwise.activation``); the ReLU after the residual sum is
+    :class:`~deeperlab_d2.modeling.backbone.xception.XceptionBlock`'s, in every block with a
+    shortcut.
+    """
+    backbone = _build_xception71("BN") if backbone is None else backbone
+    blocks = _xception71_blocks(backbone)
+    differences = []
+
+    # 1. timm: a ReLU after the depthwise BN only in the blocks without start_with_relu
+    extra, missing = [], []
+    for name, _index, cfg in blocks:
+        timm_relu = not cfg[4]
+        for conv in getattr(backbone, name).convs:
+            ours_relu = conv.depthwise.activation is not None
+            if ours_relu != timm_relu:
+                (extra if ours_relu else missing).append(name)
+    if extra:
+        differences.append(
+            "ReLU between the depthwise BN and the pointwise conv: ours has one, timm has none "
+            "(TF DeepLab's activation_fn_in_separable_conv=False: a ReLU before each separable "
+            f"conv instead) in {len(extra)} separable convs, all those of "
+            f"{_name_ranges(list(dict.fromkeys(extra)))}"
+        )
+    if missing:
+        differences.append(
+            "ReLU between the depthwise BN and the pointwise conv: ours has none, timm has one "
+            f"in {len(missing)} separable convs, all those of "
+            f"{_name_ranges(list(dict.fromkeys(missing)))}"
+        )
+
+    # 2. ours: ReLU(branch + shortcut); timm: the sum, the next block's branch starts with ReLU
+    summed = [
+        i
+        for i, (name, _, _) in enumerate(blocks)
+        if getattr(backbone, name).shortcut_type != "none"
+    ]
+    readers = {"conv": [], "identity": []}
+    unrectified = []  # 3. blocks whose branch does not start with ReLU in timm either
+    for i in summed:
+        if i + 1 == len(blocks):
+            continue
+        name, index, cfg = blocks[i + 1]
+        kind = getattr(backbone, name).shortcut_type
+        if kind in readers:
+            readers[kind].append(name)
+        elif not cfg[4]:
+            unrectified.append(
+                f"{name} (timm's blocks.{index}: no shortcut, a ReLU after every BN in both) "
+                f"reads {blocks[i][0]}'s residual sum without ReLU in timm, with ReLU in ours"
+            )
+    if summed:
+        shortcuts = [
+            f"the {kind} shortcuts of {_name_ranges(names)}"
+            for kind, names in readers.items()
+            if names
+        ]
+        differences.append(
+            "ReLU after the residual sum: ours returns ReLU(branch + shortcut) in "
+            f"{_name_ranges([blocks[i][0] for i in summed])}, timm the sum (the ReLU comes "
+            "first in the next block's branch), so "
+            + " and ".join(shortcuts)
+            + " read ReLU(x) in ours, x in timm"
+        )
+    differences += unrectified
+    return differences
+
+
+def _timm_pretrained_state_dict() -> "OrderedDict[str, torch.Tensor]":
+    """timm's pretrained :data:`TIMM_XCEPTION71_PRETRAINED` (downloaded from the Hugging Face
+    Hub once, then read from its cache)."""
+    try:
+        import timm
+    except ImportError as e:
+        raise ConversionError("--source timm needs timm (pip install timm)") from e
+    try:
+        model = timm.create_model(TIMM_XCEPTION71_PRETRAINED, pretrained=True)
+    except Exception as e:  # no network, no cache ...
+        raise ConversionError(
+            f"cannot get timm's pretrained {TIMM_XCEPTION71_PRETRAINED}: {type(e).__name__}: "
+            f'{e}. On a machine with internet, save it with python -c "import timm, torch; '
+            f"torch.save(timm.create_model('{TIMM_XCEPTION71_PRETRAINED}', pretrained=True)"
+            ".state_dict(), 'xception71_timm_imagenet.pth')\" and pass that file as --source"
+        ) from e
+    return OrderedDict(model.state_dict())
+
+
+def _shift_bn_eps(
+    conversion: Conversion, backbone: nn.Module, prefix: str, source_eps: float
+) -> None:
+    """Add ``source_eps - eps`` to the converted ``running_var`` of every BatchNorm of
+    ``backbone`` whose ``eps`` differs, so that ``var' + eps = var + source_eps``."""
+    shifted, target_eps = [], set()
+    for name, module in backbone.named_modules():
+        key = f"{prefix}{name}.running_var"
+        if not isinstance(getattr(module, "eps", None), float) or key not in conversion.state_dict:
+            continue
+        if source_eps < module.eps:
+            raise ValueError(
+                f"source BatchNorm eps {source_eps:g} is smaller than the target's "
+                f"{module.eps:g} ({name}): the variances cannot be shifted"
+            )
+        if source_eps != module.eps:
+            var = conversion.state_dict[key]
+            conversion.state_dict[key] = (var.double() + (source_eps - module.eps)).to(var.dtype)
+            shifted.append(key)
+            target_eps.add(module.eps)
+    conversion.bn_eps_shifted = shifted
+    if target_eps:
+        conversion.bn_eps = (source_eps, max(target_eps))
+
+
+def convert_xception71(
+    source: SourceLike,
+    norm: str = "BN",
+    prefix: str = "backbone.",
+    source_bn_eps: Optional[float] = TIMM_XCEPTION71_BN_EPS,
+) -> Conversion:
+    """Map timm ``xception71`` weights onto the plugin's Xception-71 backbone.
+
+    Args:
+        source: timm's ``xception71`` state_dict or its file (``.pth`` or ``.safetensors``,
+            see :func:`load_source_state_dict`), or ``"timm"`` for timm's pretrained
+            :data:`TIMM_XCEPTION71_PRETRAINED` (downloaded once; needs internet or timm's
+            Hugging Face cache).
+        norm: ``MODEL.XCEPTION.NORM`` of the target, a BatchNorm variant (see
+            :data:`BN_NORMS`); it decides whether ``num_batches_tracked`` is kept (FrozenBN
+            has none) and the target's BatchNorm epsilon.
+        prefix: prepended to the backbone keys (``backbone.`` for the meta-architectures;
+            ``backbone.bottom_up.`` for ``build_xception71_fpn_backbone``).
+        source_bn_eps: the source's BatchNorm epsilon (timm: 1e-3); the converted
+            ``running_var`` are shifted by its difference to the target's (1e-5), so that
+            BatchNorm with the ImageNet statistics computes timm's. ``None``: copied as they
+            are.
+
+    Returns:
+        a :class:`Conversion`; its report lists ``head.fc.*`` as unused (the classifier), no
+        unfilled target, and the places where our blocks compute another function than
+        timm's (:func:`xception71_differences`).
+
+    Raises:
+        ConversionError: a tensor missing from the source or of another shape (e.g. another
+            timm Xception), naming the tensor and both shapes; or ``"timm"`` could not be
+            fetched.
+        ValueError: bad ``norm`` or ``source_bn_eps``.
+    """
+    if norm not in BN_NORMS:
+        raise ValueError(
+            f"norm must be one of {BN_NORMS} (ImageNet BatchNorm statistics), got {norm!r}"
+        )
+    if isinstance(source, str) and source == "timm":
+        source_name = f"timm {TIMM_XCEPTION71_PRETRAINED} (pretrained)"
+        source_state = _timm_pretrained_state_dict()
+    else:
+        source_name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state_dict"
+        source_state = load_source_state_dict(source)
+    backbone = _build_xception71(norm)
+    conversion = _convert(
+        source_state,
+        backbone.state_dict(),
+        xception71_key_map(backbone),
+        (),
+        prefix,
+        source_name,
+        hint=(
+            "The source must be timm's xception71 state_dict "
+            "(timm.create_model('xception71', pretrained=True).state_dict(), or its "
+            "model.safetensors); xception41 / xception65 and the pre-activation xception41p / "
+            "xception65p have other blocks."
+        ),
+    )
+    if source_bn_eps is not None:
+        _shift_bn_eps(conversion, backbone, prefix, source_bn_eps)
+    conversion.differences = xception71_differences(backbone)
+    return conversion
+
+
+# ------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------
 
@@ -400,9 +829,17 @@ def convert_file(
     return conversion
 
 
-def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, help="source weights file (.pth)")
+def _add_io_arguments(
+    parser: argparse.ArgumentParser, source_help: str = "source weights file (.pth)"
+) -> None:
+    parser.add_argument("--source", required=True, help=source_help)
     parser.add_argument("--output", required=True, help="converted checkpoint to write (.pth)")
+    parser.add_argument(
+        "--prefix",
+        default="backbone.",
+        help="prefix of the backbone keys in the model: 'backbone.' (default) for DeeperLab and "
+        "Panoptic-DeepLab, 'backbone.bottom_up.' for the *_fpn_backbone models",
+    )
 
 
 def _run_mobilenet_v2(args) -> Conversion:
@@ -413,6 +850,18 @@ def _run_mobilenet_v2(args) -> Conversion:
         width_mult=args.width_mult,
         kernel_size=args.kernel_size,
         norm=args.norm,
+        prefix=args.prefix,
+    )
+
+
+def _run_xception71(args) -> Conversion:
+    return convert_file(
+        convert_xception71,
+        args.source,
+        args.output,
+        norm=args.norm,
+        prefix=args.prefix,
+        source_bn_eps=args.source_bn_eps,
     )
 
 
@@ -453,7 +902,33 @@ def build_parser() -> argparse.ArgumentParser:
         "config)",
     )
     mnv2.set_defaults(run=_run_mobilenet_v2)
-    # xception71 (timm) goes here as another subcommand
+    x71 = sub.add_parser(
+        "xception71",
+        help="timm xception71 -> Xception-71 (build_xception71_backbone)",
+        description="timm xception71 state_dict -> build_xception71_backbone. Use the "
+        "MODEL.XCEPTION.NORM of the config you train. The report lists where the plugin's "
+        "blocks place ReLUs differently from timm's (every tensor maps; the function differs).",
+    )
+    _add_io_arguments(
+        x71,
+        source_help="timm xception71 state_dict file (.pth, or .safetensors as timm's "
+        f"model.safetensors), or 'timm' for timm's pretrained {TIMM_XCEPTION71_PRETRAINED} "
+        "(downloads it once: needs internet or the Hugging Face cache)",
+    )
+    x71.add_argument(
+        "--norm",
+        default="BN",
+        choices=BN_NORMS,
+        help="MODEL.XCEPTION.NORM (FrozenBN drops num_batches_tracked) (default BN, as the config)",
+    )
+    x71.add_argument(
+        "--source-bn-eps",
+        type=float,
+        default=TIMM_XCEPTION71_BN_EPS,
+        help="BatchNorm eps of the source; running_var is shifted by its difference to the "
+        f"target's (1e-5) so BN computes the same (default {TIMM_XCEPTION71_BN_EPS:g}, timm's)",
+    )
+    x71.set_defaults(run=_run_xception71)
     return parser
 
 

@@ -1,19 +1,32 @@
-"""Tests of deeperlab_d2.convert: torchvision mobilenet_v2 -> MobileNetV2 / W-MNV2 checkpoints
-(CPU, random weights, small inputs)."""
+"""Tests of deeperlab_d2.convert: torchvision mobilenet_v2 -> MobileNetV2 / W-MNV2 and timm
+xception71 -> Xception-71 checkpoints (CPU, random weights, small inputs)."""
 
 import re
+from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import tiny_cfg
+from conftest import base_cfg, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone, build_model
+from safetensors.torch import save_file as save_safetensors
 
+from deeperlab_d2 import add_deeperlab_config
 from deeperlab_d2.checkpoint import DeeperLabCheckpointer
-from deeperlab_d2.convert import ConversionError, convert_mobilenet_v2, main
-from deeperlab_d2.modeling.backbone import MobileNetV2
+from deeperlab_d2.convert import (
+    TIMM_XCEPTION71_BLOCKS,
+    TIMM_XCEPTION71_BN_EPS,
+    ConversionError,
+    build_parser,
+    convert_mobilenet_v2,
+    convert_xception71,
+    main,
+)
+from deeperlab_d2.modeling.backbone import MobileNetV2, Xception71
 
 # torchvision mobilenet_v2: the last block of features[:i] ends res2..res5 (strides 4..32)
 TORCHVISION_FEATURE_END = {"res2": 4, "res3": 7, "res4": 14, "res5": 18}
@@ -249,3 +262,345 @@ def test_bad_sources(tmp_path, capsys):
     assert e.value.code == 1
     assert "features.0.0.weight has shape (1,)" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# timm xception71 -> Xception-71
+# ------------------------------------------------------------------------------------------
+
+X71_UNUSED_HEAD = ["head.fc.weight", "head.fc.bias"]
+# timm's block whose output is our feature (our i-th block is timm's blocks.i)
+TIMM_X71_FEATURE_BLOCK = {"res2": 1, "res3": 3, "res4": 20, "res5": 22}
+X71_CITYSCAPES = (
+    Path(__file__).resolve().parents[1]
+    / "configs"
+    / "cityscapes"
+    / "deeperlab_X71_os16_poly_90k_bs32_crop1024x2048.yaml"
+)
+
+
+def _randomize_bn(model):
+    """Random BN affine and statistics (the defaults, 1/0, would hide a BN tensor landing in
+    the wrong place)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0.0, 0.2)
+            m.running_mean.normal_(0.0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.num_batches_tracked.fill_(1234)
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """These tests run Xception-71 on 64x64 inputs: tiny ops, for which torch's intra-op
+    threads only add synchronisation (and with busy cores, long waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def timm_x71():
+    """A random timm xception71 (output stride 32) in eval mode."""
+    torch.manual_seed(3)
+    return _randomize_bn(timm.create_model("xception71", pretrained=False)).eval()
+
+
+@pytest.fixture(scope="module")
+def x71_conversion(timm_x71):
+    return convert_xception71(timm_x71.state_dict())
+
+
+def _timm_x71_at(timm_x71, output_stride):
+    """timm's xception71 at ``output_stride`` with the weights of ``timm_x71``."""
+    if output_stride == 32:
+        return timm_x71
+    model = timm.create_model("xception71", output_stride=output_stride, device="meta")
+    model.load_state_dict(timm_x71.state_dict(), assign=True)
+    return model.eval()
+
+
+def _our_x71(conversion, output_stride=32, norm="BN"):
+    """Our Xception71 with the converted weights (built on the meta device, then the converted
+    tensors are assigned: no random init to wait for)."""
+    with torch.device("meta"):
+        model = Xception71(output_stride=output_stride, norm=norm)
+    state = {k[len("backbone.") :]: v for k, v in conversion.state_dict.items()}
+    missing, unexpected = model.load_state_dict(state, strict=True, assign=True)
+    assert not missing and not unexpected
+    return model.eval()
+
+
+def _conv_norm(layer, x):
+    """A Detectron2 Conv2d and its norm, without its activation."""
+    y = F.conv2d(
+        x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
+    )
+    return layer.norm(y)
+
+
+def _timm_order_forward(backbone, x):
+    """Our converted modules in the layer order of timm / TF DeepLab: a ReLU before each
+    separable conv and none between its depthwise BN and pointwise conv, no ReLU after the
+    residual sum; the block without shortcut (exit_flow2) has a ReLU after every BN and none
+    before. Returns our feature names -> the outputs of their blocks."""
+    x, out = backbone.stem(x), {}
+    for name in backbone.stage_names:
+        block = getattr(backbone, name)
+        y = x
+        if block.shortcut_type == "none":
+            for sep in block.convs:
+                y = F.relu(_conv_norm(sep.pointwise, F.relu(_conv_norm(sep.depthwise, y))))
+            x = y
+        else:
+            for sep in block.convs:
+                y = _conv_norm(sep.pointwise, _conv_norm(sep.depthwise, F.relu(y)))
+            x = y + (x if block.shortcut is None else _conv_norm(block.shortcut, x))
+        feature = backbone._stage_outputs.get(name)
+        if feature is not None:
+            out[feature] = x
+    return out
+
+
+def _timm_block_outputs(model, image):
+    """The outputs of timm's blocks at our features (forward hooks)."""
+    out, handles = {}, []
+    for feature, index in TIMM_X71_FEATURE_BLOCK.items():
+
+        def hook(_module, _inputs, output, feature=feature):
+            out[feature] = output.detach().clone()
+
+        handles.append(model.blocks[index].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _relative_diff(a, b):
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+
+
+def test_timm_xception71_layout(timm_x71):
+    """TIMM_XCEPTION71_BLOCKS, which the conversion pairs with our blocks, is timm's model."""
+    layout = []
+    for block in timm_x71.blocks:
+        in_channels, stride = block.in_channels, block.stack.conv3.conv_dw.stride[0]
+        channels = tuple(getattr(block.stack, f"conv{j}").conv_pw.out_channels for j in (1, 2, 3))
+        layout.append((in_channels, channels, stride, block.no_skip, hasattr(block.stack, "act1")))
+        has_conv = not block.no_skip and (channels[-1] != in_channels or stride != 1)
+        assert (block.shortcut is not None) == has_conv
+    assert tuple(layout) == TIMM_XCEPTION71_BLOCKS
+    eps = {m.eps for m in timm_x71.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert eps == {TIMM_XCEPTION71_BN_EPS}
+
+
+def test_xception71_every_tensor_lands(timm_x71, x71_conversion):
+    conversion = x71_conversion
+    assert conversion.unused_source == X71_UNUSED_HEAD
+    assert conversion.unfilled_target == []
+    # 146 convs (2 stem, 23 blocks x 6, 6 conv shortcuts), each with a BN of 5 tensors
+    assert len(conversion.state_dict) == 146 * 6
+    assert all(k.startswith("backbone.") for k in conversion.state_dict)
+    sd, out = timm_x71.state_dict(), conversion.state_dict
+    same = {
+        "stem.0.weight": "stem.0.conv.weight",
+        "stem.1.norm.bias": "stem.1.bn.bias",
+        "entry_flow1.shortcut.weight": "blocks.0.shortcut.conv.weight",
+        "entry_flow1.shortcut.norm.weight": "blocks.0.shortcut.bn.weight",
+        "entry_flow2.convs.0.depthwise.weight": "blocks.1.stack.conv1.conv_dw.weight",
+        "entry_flow3.convs.2.depthwise.weight": "blocks.2.stack.conv3.conv_dw.weight",
+        "entry_flow4.convs.1.pointwise.weight": "blocks.3.stack.conv2.conv_pw.weight",
+        "entry_flow5.convs.2.pointwise.norm.bias": "blocks.4.stack.conv3.bn_pw.bias",
+        "middle_flow1.convs.0.depthwise.norm.weight": "blocks.5.stack.conv1.bn_dw.weight",
+        "middle_flow16.convs.2.pointwise.weight": "blocks.20.stack.conv3.conv_pw.weight",
+        "exit_flow1.shortcut.norm.bias": "blocks.21.shortcut.bn.bias",
+        "exit_flow1.convs.1.pointwise.weight": "blocks.21.stack.conv2.conv_pw.weight",
+        "exit_flow2.convs.2.pointwise.norm.weight": "blocks.22.stack.conv3.bn_pw.weight",
+    }
+    for ours, theirs in same.items():
+        assert torch.equal(out[f"backbone.{ours}"], sd[theirs]), ours
+    assert out["backbone.exit_flow2.convs.2.pointwise.norm.num_batches_tracked"].item() == 1234
+    # BN eps 1e-3 (timm) -> 1e-5 (ours): var + 1e-3 - 1e-5, in every BN
+    assert len(conversion.bn_eps_shifted) == 146 and conversion.bn_eps == (1e-3, 1e-5)
+    for ours, theirs in [
+        ("stem.0.norm", "stem.0.bn"),
+        ("middle_flow7.convs.1.depthwise.norm", "blocks.11.stack.conv2.bn_dw"),
+        ("exit_flow1.shortcut.norm", "blocks.21.shortcut.bn"),
+    ]:
+        shifted = out[f"backbone.{ours}.running_var"]
+        torch.testing.assert_close(
+            shifted, sd[f"{theirs}.running_var"] + 0.00099, rtol=0, atol=1e-7
+        )
+    report = conversion.format_report()
+    assert "source tensors not used: 2\n  head.fc.weight\n  head.fc.bias\n" in report
+    assert "target tensors not filled: 0" in report
+    assert "146 BatchNorm running_var shifted by +0.00099" in report
+    assert "not the same function as the source (3 differences" in report
+    differences = "\n".join(conversion.differences)
+    for expected in [
+        "66 separable convs, all those of entry_flow1..5, middle_flow1..16, exit_flow1",
+        "ReLU after the residual sum",
+        "the conv shortcuts of entry_flow2..5, exit_flow1 and the identity shortcuts of "
+        "middle_flow1..16",
+        "exit_flow2 (timm's blocks.22",
+    ]:
+        assert expected in differences
+
+
+# not 8: timm's xception71(output_stride=8) builds blocks.4 with stride 1 and, its channels
+# unchanged (728), without the 1x1 conv shortcut of its ImageNet weights (TF DeepLab and ours
+# keep it), so it cannot load them
+@pytest.mark.parametrize("output_stride", [32, 16])
+@pytest.mark.usefixtures("one_thread")
+def test_xception71_features_equal_timm_in_timm_order(timm_x71, x71_conversion, output_stride):
+    """Every converted tensor computes timm's layer: our converted modules, run in timm's
+    layer order (the only difference, see convert.py), give timm's block outputs at res2..res5
+    (strides 4, 8, 16, 32 at output stride 32; at output stride 16 the exit flow dilated as in
+    timm)."""
+    torch.manual_seed(4)
+    image = torch.randn(1, 3, 64, 64)
+    reference = _timm_block_outputs(_timm_x71_at(timm_x71, output_stride), image)
+    backbone = _our_x71(x71_conversion, output_stride)
+    with torch.no_grad():
+        features = _timm_order_forward(backbone, image)
+    strides = {k: 64 // v.shape[-1] for k, v in reference.items()}
+    expected = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    assert strides == {k: min(v, output_stride) for k, v in expected.items()}
+    assert strides == backbone._out_feature_strides
+    assert {k: v.shape for k, v in features.items()} == {k: v.shape for k, v in reference.items()}
+    assert all(v.std() > 0.1 for v in reference.values())  # not a trivial comparison
+    diff = _relative_diff(features, reference)
+    print(f"OS {output_stride}: max |ours in timm's order - timm| / max |timm| = {diff:.3g}")
+    assert diff < 1e-4
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_xception71_own_forward_is_another_function(timm_x71, x71_conversion):
+    """The converted backbone's own forward: the stem is timm's, the blocks are not (the ReLUs
+    the report lists). If this fails, Xception71 now computes timm's function: make the
+    feature test compare the real forward, and drop the differences from convert.py."""
+    torch.manual_seed(5)
+    image = torch.randn(1, 3, 64, 64)
+    backbone = _our_x71(x71_conversion)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.stem(image), timm_x71.stem(image), rtol=1e-5, atol=1e-5)
+        features = backbone(image)
+    reference = {k: F.relu(v) for k, v in _timm_block_outputs(timm_x71, image).items()}
+    assert {k: v.shape for k, v in features.items()} == {k: v.shape for k, v in reference.items()}
+    diff = _relative_diff(features, reference)
+    print(f"own forward: max |ours - ReLU(timm)| / max |ReLU(timm)| = {diff:.3g}")
+    assert diff > 1e-2
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_xception71_frozen_bn(timm_x71):
+    conversion = convert_xception71(timm_x71.state_dict(), norm="FrozenBN")
+    assert conversion.unfilled_target == []
+    assert conversion.unused_source[-2:] == X71_UNUSED_HEAD
+    assert len(conversion.unused_source) == 2 + 146
+    assert all(k.endswith("num_batches_tracked") for k in conversion.unused_source[:-2])
+    assert conversion.bn_eps == (1e-3, 1e-5) and len(conversion.bn_eps_shifted) == 146
+    # FrozenBatchNorm2d (eps 1e-5) with the shifted variances computes timm's BN (eps 1e-3)
+    torch.manual_seed(6)
+    image = torch.randn(1, 3, 64, 64)
+    backbone = _our_x71(conversion, norm="FrozenBN")
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.stem(image), timm_x71.stem(image), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_xception71_checkpoint_loads_into_deeperlab(tmp_path, capsys, timm_x71):
+    """The CLI's file, from timm's .safetensors, loads with DetectionCheckpointer into the
+    DeeperLab X-71 of the Cityscapes config: every backbone tensor, nothing unexpected."""
+    src, out = tmp_path / "model.safetensors", tmp_path / "weights" / "xception71_imagenet.pth"
+    save_safetensors({k: v.contiguous() for k, v in timm_x71.state_dict().items()}, str(src))
+    conversion = main(["xception71", "--source", str(src), "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert "head.fc.weight" in printed and "not the same function" in printed
+    assert f"MODEL.WEIGHTS {out}" in printed
+    # safetensors stores the keys sorted
+    assert sorted(conversion.unused_source) == sorted(X71_UNUSED_HEAD)
+    assert conversion.unfilled_target == []
+
+    cfg = get_cfg()
+    add_deeperlab_config(cfg)
+    cfg.merge_from_file(str(X71_CITYSCAPES))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(out)])
+    model = build_model(cfg)
+    checkpointer = DeeperLabCheckpointer(model)
+    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    incompatible = checkpointer.incompatible
+    assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+    assert not [k for k in incompatible.missing_keys if k.startswith("backbone.")]
+    assert [k for k in incompatible.missing_keys if not k.startswith("backbone.")]  # the heads
+    state = model.state_dict()
+    backbone_keys = [k for k in state if k.startswith("backbone.")]
+    assert sorted(backbone_keys) == sorted(conversion.state_dict)
+    for key in backbone_keys:
+        assert torch.equal(state[key], conversion.state_dict[key]), key
+    src.unlink()  # 160 MB each
+    out.unlink()
+
+
+def test_xception71_source_timm(monkeypatch, timm_x71):
+    """--source timm takes timm's pretrained xception71.tf_in1k (faked: no network here)."""
+    calls = []
+
+    def create_model(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained))
+        return timm_x71
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    args = build_parser().parse_args(["xception71", "--source", "timm", "--output", "x.pth"])
+    assert args.source == "timm"
+    conversion = convert_xception71(args.source)
+    assert calls == [("xception71.tf_in1k", True)]
+    assert conversion.source == "timm xception71.tf_in1k (pretrained)"
+    assert "from timm xception71.tf_in1k (pretrained)" in conversion.format_report()
+    assert conversion.unused_source == X71_UNUSED_HEAD and conversion.unfilled_target == []
+
+    def offline(name, pretrained=False, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ConversionError, match="no network.*On a machine with internet"):
+        convert_xception71("timm")
+
+
+def test_xception71_other_network():
+    """timm's xception65 (3 entry blocks, not 5) is refused, naming the tensors."""
+    sd = timm.create_model("xception65", device="meta").state_dict()
+    with pytest.raises(ConversionError) as e:
+        convert_xception71(sd)
+    message = str(e.value)
+    assert "blocks.2.stack.conv1.conv_pw.weight has shape (728, 256, 1, 1)" in message
+    assert "backbone.entry_flow3.convs.0.pointwise.weight has shape (256, 256, 1, 1)" in message
+    assert "xception65" in message
+
+
+def test_xception71_prefix_for_fpn(timm_x71):
+    """--prefix backbone.bottom_up.: the keys and shapes of build_xception71_fpn_backbone's
+    bottom-up (built on the meta device: only its structure is compared)."""
+    conversion = convert_xception71(
+        timm_x71.state_dict(), norm="SyncBN", prefix="backbone.bottom_up."
+    )
+    cfg = base_cfg(
+        *("MODEL.BACKBONE.NAME", "build_xception71_fpn_backbone"),
+        *("MODEL.XCEPTION.OUTPUT_STRIDE", 32, "MODEL.XCEPTION.NORM", "SyncBN"),
+        *("MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"]),
+    )
+    with torch.device("meta"):
+        fpn = build_backbone(cfg)
+    bottom_up = {
+        f"backbone.{k}": tuple(v.shape)
+        for k, v in fpn.state_dict().items()
+        if k.startswith("bottom_up.")
+    }
+    assert bottom_up == {k: tuple(v.shape) for k, v in conversion.state_dict.items()}
