@@ -18,10 +18,13 @@ class PolyParamScheduler(ParamScheduler):
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov from SOLVER.*), Adam or AdamW by SOLVER.OPTIMIZER."""
+    """SGD (momentum, nesterov from SOLVER.*), Adam or AdamW by SOLVER.OPTIMIZER, with weight
+    decay SOLVER.WEIGHT_DECAY (WEIGHT_DECAY_NORM for norm layers, WEIGHT_DECAY_BIAS for biases)
+    in every parameter group: never the optimizer's own default (AdamW's is 0.01)."""
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
@@ -29,12 +32,16 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "SGD":
         opt = torch.optim.SGD(
-            params, cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV
+            params,
+            cfg.SOLVER.BASE_LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
     elif name == "ADAM":
-        opt = torch.optim.Adam(params, cfg.SOLVER.BASE_LR)
+        opt = torch.optim.Adam(params, cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     elif name == "ADAMW":
-        opt = torch.optim.AdamW(params, cfg.SOLVER.BASE_LR)
+        opt = torch.optim.AdamW(params, cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     else:
         raise ValueError(f"config key SOLVER.OPTIMIZER must be SGD, ADAM or ADAMW, got {name!r}")
     return maybe_add_gradient_clipping(cfg, opt)
