@@ -11,6 +11,11 @@ keys, shape mismatches: those parts stay randomly initialised), loads nothing fo
 * :class:`DeeperLabCheckpointer`: the training checkpointer; on resume it picks the newest
   complete checkpoint and says why when ``last_checkpoint`` is missing, empty or names a
   missing or unreadable file.
+
+Both raise a :class:`FileNotFoundError` that names the command creating the file when
+``MODEL.WEIGHTS`` is a missing file of the converted ImageNet weights (a path with a
+``weights/`` folder, e.g. the configs' ``weights/xception71_imagenet.pth``, see
+:func:`converted_weights_command`) instead of Detectron2's bare "Checkpoint ... not found!".
 """
 
 import logging
@@ -21,18 +26,70 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["CheckpointError", "DeeperLabCheckpointer", "load_model_weights"]
+__all__ = [
+    "CONVERTED_WEIGHTS_DIR",
+    "CheckpointError",
+    "DeeperLabCheckpointer",
+    "converted_weights_command",
+    "load_model_weights",
+    "missing_weights_message",
+]
 
 logger = logging.getLogger(__name__)
 
 # the files detectron2's PeriodicCheckpointer writes: model_0004999.pth ... model_final.pth
 _TRAINING_CHECKPOINT = re.compile(r"^model_(\d+|final)\.pth$")
 _LIST_AT_MOST = 10
+#: the folder of the converted ImageNet weights (``python -m deeperlab_d2.convert``) in the
+#: configs' ``MODEL.WEIGHTS`` (relative to the working directory)
+CONVERTED_WEIGHTS_DIR = "weights"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, does not fit the model, or cannot be resumed from."""
+
+
+def converted_weights_command(path: str) -> Optional[str]:
+    """The ``python -m deeperlab_d2.convert`` command that writes ``path``, when ``path`` follows
+    the converted-weights convention (a local file inside a :data:`CONVERTED_WEIGHTS_DIR`
+    folder); ``None`` otherwise. The network is guessed from the file name (``xception`` /
+    ``x71``: timm's xception71; ``mnv2`` / ``mobilenet``: torchvision's mobilenet_v2; ``fpn``
+    adds the FPN models' ``--prefix``); other names get both choices."""
+    if not path or "://" in path:
+        return None
+    parts = os.path.normpath(path).split(os.sep)
+    if CONVERTED_WEIGHTS_DIR not in parts[:-1]:
+        return None
+    name = parts[-1].lower()
+    if "xception" in name or "x71" in name:
+        command = "python -m deeperlab_d2.convert xception71 --source timm"
+    elif "mnv2" in name or "mobilenet" in name:
+        # the source: torchvision's ImageNet mobilenet_v2 state_dict, saved to a file
+        command = "python -m deeperlab_d2.convert mobilenet_v2 --source mobilenet_v2_imagenet.pth"
+    else:
+        command = "python -m deeperlab_d2.convert {xception71,mobilenet_v2} --source ..."
+    command += f" --output {path}"
+    if "fpn" in name:
+        command += " --prefix backbone.bottom_up."
+    return command
+
+
+def missing_weights_message(path: str) -> Optional[str]:
+    """The error message for a missing converted-weights file ``path`` (see
+    :func:`converted_weights_command`); ``None`` when ``path`` exists or is not one."""
+    command = converted_weights_command(path)
+    if command is None or os.path.isfile(path):
+        return None
+    where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+    return (
+        f"MODEL.WEIGHTS: {path} does not exist{where}. It holds converted ImageNet weights of "
+        f"the backbone; create it with\n  {command}\n"
+        "(python -m deeperlab_d2.convert --help; README, ImageNet weights), or set "
+        'MODEL.WEIGHTS to another checkpoint ("" trains from scratch).'
+    )
 
 
 def _key_list(keys: List[str]) -> str:
@@ -86,6 +143,17 @@ class DeeperLabCheckpointer(DetectionCheckpointer):
         self.resumed_from: Optional[str] = None
         self.incompatible = None
         self._preloaded: Optional[Tuple[str, Dict[str, Any]]] = None
+
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        """Detectron2's ``load``; a missing converted-weights file (see
+        :func:`converted_weights_command`) raises :class:`FileNotFoundError` naming the command
+        that creates it (with DDP only on the main worker, which Detectron2 requires to have
+        the file; the others may lack it)."""
+        if not isinstance(self.model, DistributedDataParallel) or comm.is_main_process():
+            message = missing_weights_message(path)
+            if message:
+                raise FileNotFoundError(message)
+        return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
         if self._preloaded is not None and self._preloaded[0] == filename:
@@ -230,7 +298,10 @@ def load_model_weights(model: torch.nn.Module, weights: str, *, allow_random: bo
             "an untrained model on purpose."
         )
     if "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint {weights} does not exist")
+        raise FileNotFoundError(
+            missing_weights_message(weights)
+            or f"MODEL.WEIGHTS: checkpoint {weights} does not exist"
+        )
     checkpointer = DeeperLabCheckpointer(model)
     checkpointer.load(weights, checkpointables=[])
     problems, extra = incompatibility_message(checkpointer.incompatible)

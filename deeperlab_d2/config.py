@@ -15,6 +15,15 @@ def add_deeperlab_config(cfg):
     _C.MODEL.XCEPTION.OUTPUT_STRIDE = 16
     _C.MODEL.XCEPTION.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     _C.MODEL.XCEPTION.NORM = "BN"
+    # Where the ReLUs are (same parameters, same state_dict keys, in both):
+    # - "paper": the DeepLabv3+ paper's text: BN + ReLU after each depthwise conv, ReLU after
+    #   each residual sum (every feature rectified).
+    # - "tf_deeplab": the released TF DeepLab xception_71 = timm's xception71: ReLU before each
+    #   separable conv of a residual block (none after its depthwise BN), the shortcut reads
+    #   the block input before that ReLU, no ReLU after the sum; exit_flow2 (no shortcut) has a
+    #   ReLU after every BN. Use it with ImageNet weights from
+    #   `python -m deeperlab_d2.convert xception71`: only this layout computes their features.
+    _C.MODEL.XCEPTION.LAYOUT = "paper"
 
     _C.MODEL.MOBILENETV2 = CN()
     _C.MODEL.MOBILENETV2.OUTPUT_STRIDE = 16

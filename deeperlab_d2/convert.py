@@ -6,12 +6,16 @@ Usage::
     python -m deeperlab_d2.convert mobilenet_v2 --source mobilenet_v2_imagenet.pth \\
         --output weights/wmnv2_imagenet.pth [--width-mult 1.0] [--kernel-size 5|3] [--norm BN]
     python -m deeperlab_d2.convert xception71 --source xception71_timm.pth|.safetensors|timm \\
-        --output weights/xception71_imagenet.pth [--norm BN] [--source-bn-eps 0.001]
+        --output weights/xception71_imagenet.pth [--norm BN] [--source-bn-eps 0.001] \\
+        [--layout tf_deeplab|paper]
 
 Both take ``--prefix`` (default ``backbone.``, see below).
 
 The options default to the ``MODEL.MOBILENETV2`` / ``MODEL.XCEPTION`` defaults (W-MNV2: width
-1.0, 5x5 depthwise kernels, BN; Xception-71: BN); pass the values of the config you train.
+1.0, 5x5 depthwise kernels, BN; Xception-71: BN), except ``--layout`` (``tf_deeplab``, the
+layout of the ImageNet weights, see below); pass the values of the config you train. Every
+report ends with the config values the checkpoint must be used with (``MODEL.XCEPTION.LAYOUT``,
+``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``, ``INPUT.FORMAT``, ...).
 
 Each source network is a subcommand: ``mobilenet_v2`` (torchvision's ``mobilenet_v2``) and
 ``xception71`` (timm's ``xception71``, the aligned Xception-71 of TF DeepLab). The output is a
@@ -51,44 +55,49 @@ computes the same thing on the same input. ``head.fc`` (the classifier) is unuse
   ``(x - mean) / sqrt(var + 1e-3)``. In training mode BN normalises by the batch variance
   plus 1e-5 instead of plus 1e-3, a negligible difference.
 
-* Not the same function: our blocks place ReLUs differently from timm / TF DeepLab, so the
-  converted backbone does **not** compute timm's features (the stem does; the first block
-  already differs). The weights all land where they belong, but three things differ:
+* The same function with ``MODEL.XCEPTION.LAYOUT tf_deeplab``: our Xception-71 has two ReLU
+  placements with the same parameters (see :mod:`deeperlab_d2.modeling.backbone.xception`).
+  With ``"tf_deeplab"`` (the released TF DeepLab / timm network) the converted backbone's own
+  forward computes timm's block outputs at res2..res5 (``blocks.1``, ``blocks.3``,
+  ``blocks.20``, ``blocks.22``), eval mode, at output stride 32 and 16, within float
+  rounding (``tests/test_convert.py``). (Not checked at output stride 8: there timm's
+  ``xception71(output_stride=8)`` builds ``blocks.4`` with stride 1 and, 728 channels in and
+  out, without the 1x1 conv shortcut that its ImageNet weights hold; TF DeepLab and ours keep
+  that shortcut at every output stride.) ``--layout`` (default ``tf_deeplab``) only changes the
+  report: the tensors are the same for both layouts.
+
+  With ``"paper"`` (the config default: the DeepLabv3+ paper's text) the converted backbone is
+  **not** timm's function (the stem is; the first block already differs). The weights all land
+  where they belong, but three things differ, which the report of ``--layout paper`` lists:
 
   1. ReLU inside the separable convs. In timm's blocks 0..21 (``start_with_relu``, TF
      DeepLab's ``activation_fn_in_separable_conv=False``) a separable conv is
      ``ReLU -> depthwise -> BN -> pointwise -> BN``: no ReLU between the depthwise BN and the
-     pointwise conv. Our :class:`~deeperlab_d2.modeling.blocks.SeparableConv2d` applies one
-     there (``depthwise -> BN -> ReLU -> pointwise -> BN [-> ReLU]``), as the DeepLabv3+
-     paper's text describes ("extra BN and ReLU after each 3x3 depthwise convolution") but
-     its released code and ImageNet checkpoints do not: 66 extra ReLUs, 3 in each of
+     pointwise conv. The paper layout applies one there
+     (``depthwise -> BN -> ReLU -> pointwise -> BN [-> ReLU]``), as the DeepLabv3+ paper's
+     text describes ("extra BN and ReLU after each 3x3 depthwise convolution") but its
+     released code and ImageNet checkpoints do not: 66 extra ReLUs, 3 in each of
      entry_flow1..5, middle_flow1..16 and exit_flow1. No weight can undo a ReLU.
   2. ReLU after the residual sum. timm returns ``branch + shortcut`` without ReLU; the ReLU
      comes first thing in the next block's branch (``stack.act1``), while the next block's
-     shortcut (1x1 conv, or identity in the middle flow) reads the sum before that ReLU. Our
-     :class:`~deeperlab_d2.modeling.backbone.xception.XceptionBlock` returns
-     ``ReLU(branch + shortcut)``, so the shortcuts of entry_flow2..5 and exit_flow1 and the
-     identities of middle_flow1..16 read ``ReLU(x)`` instead of ``x`` (entry_flow1's input
-     is the stem's ReLU output in both: same).
+     shortcut (1x1 conv, or identity in the middle flow) reads the sum before that ReLU. The
+     paper layout's block returns ``ReLU(branch + shortcut)``, so the shortcuts of
+     entry_flow2..5 and exit_flow1 and the identities of middle_flow1..16 read ``ReLU(x)``
+     instead of ``x`` (entry_flow1's input is the stem's ReLU output in both: same).
   3. exit_flow2 (timm's ``blocks.22``: no shortcut, ``start_with_relu=False``, TF's
      ``activation_fn_in_separable_conv=True``) has the same layers in both (``depthwise ->
      BN -> ReLU -> pointwise -> BN -> ReLU``, three times), but reads timm's exit-flow-1 sum
-     without ReLU and ours with it.
+     without ReLU and the paper layout's with it.
 
-  :func:`xception71_differences` lists these per block (from the built modules for 1.) and
-  every Xception-71 report prints them. The ImageNet weights are then an initialisation of a
-  related network rather than the pretrained function (how much of their benefit survives
-  is not measured here). Making ``XceptionBlock`` follow timm / TF DeepLab (ReLU before each
-  separable conv instead of after its depthwise BN, except in exit_flow2; no ReLU after the
-  residual sum) would make the conversion exact: ``tests/test_convert.py`` runs our converted
-  modules in timm's order and gets timm's block outputs at res2..res5, at output stride 32
-  and 16. (Not at 8: there timm's ``xception71(output_stride=8)`` builds ``blocks.4`` with
-  stride 1 and, 728 channels in and out, without the 1x1 conv shortcut that its ImageNet
-  weights hold; TF DeepLab and ours keep that shortcut at every output stride.)
+  :func:`xception71_differences` lists these per block, read from the built modules (empty
+  for ``"tf_deeplab"``). With the paper layout the ImageNet weights are an initialisation of
+  a related network rather than the pretrained function (how much of their benefit survives
+  is not measured here).
 
-* Input: timm's ``xception71`` (like TF DeepLab) was trained on images scaled to [-1, 1], i.e.
-  ``MODEL.PIXEL_MEAN`` = ``MODEL.PIXEL_STD`` = ``[127.5, 127.5, 127.5]`` on 0-255 RGB, not
-  torchvision's ImageNet mean / std.
+* Input: timm's ``xception71`` (like TF DeepLab) was trained on RGB images scaled to [-1, 1]
+  (timm's pretrained cfg: mean = std = ``IMAGENET_INCEPTION_MEAN`` / ``_STD`` = 0.5 on [0, 1]),
+  i.e. ``MODEL.PIXEL_MEAN`` = ``MODEL.PIXEL_STD`` = ``[127.5, 127.5, 127.5]`` on 0-255
+  ``INPUT.FORMAT "RGB"``, not torchvision's ImageNet mean / std.
 
 ``--prefix backbone.bottom_up.`` writes the keys of the ``*_fpn_backbone`` models (Detectron2's
 FPN keeps the plugin's backbone as ``bottom_up``).
@@ -106,13 +115,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling.backbone.mobilenet_v2 import MobileNetV2
-from .modeling.backbone.xception import Xception71
+from .modeling.backbone.xception import XCEPTION_LAYOUTS, Xception71
 
 __all__ = [
     "BN_NORMS",
     "TIMM_XCEPTION71_BLOCKS",
     "TIMM_XCEPTION71_BN_EPS",
+    "TIMM_XCEPTION71_INPUT",
+    "TIMM_XCEPTION71_LAYOUT",
     "TIMM_XCEPTION71_PRETRAINED",
+    "TORCHVISION_INPUT",
     "Conversion",
     "ConversionError",
     "convert_file",
@@ -157,6 +169,10 @@ class Conversion:
         bn_eps: (source BatchNorm epsilon, target BatchNorm epsilon) when they differ.
         differences: where the target network computes another function than the source
             although every tensor maps (one line each); empty when it is the same function.
+        settings: the config values (key -> value, as in a YAML config) the checkpoint must
+            be used with for the target to compute the source's function: the backbone
+            options, the input normalisation and channel order of the source.
+        hints: advice printed after the differences (e.g. how to avoid them).
     """
 
     state_dict: "OrderedDict[str, torch.Tensor]"
@@ -167,6 +183,8 @@ class Conversion:
     bn_eps_shifted: List[str] = field(default_factory=list)
     bn_eps: Optional[Tuple[float, float]] = None
     differences: List[str] = field(default_factory=list)
+    settings: Dict[str, str] = field(default_factory=dict)
+    hints: List[str] = field(default_factory=list)
 
     def format_report(self) -> str:
         """A human-readable report listing every unused source and unfilled target tensor, and
@@ -194,6 +212,17 @@ class Conversion:
                 "every tensor maps, the layers between them differ):"
             )
             lines += [f"  - {d}" for d in self.differences]
+        lines += self.hints
+        if self.settings:
+            lines.append(
+                "use it with these config values"
+                + (
+                    " (the source's input; the differences above remain):"
+                    if self.differences
+                    else " (the source network's layout and input):"
+                )
+            )
+            lines += [f"  {k}: {v}" for k, v in self.settings.items()]
         return "\n".join(lines)
 
 
@@ -395,6 +424,13 @@ def _convert(
 # torchvision mobilenet_v2 -> deeperlab_d2 MobileNetV2 / W-MNV2
 # ------------------------------------------------------------------------------------------
 
+#: the input of torchvision's ImageNet models: RGB, ImageNet mean / std (on 0-255)
+TORCHVISION_INPUT = {
+    "MODEL.PIXEL_MEAN": "[123.675, 116.28, 103.53]",
+    "MODEL.PIXEL_STD": "[58.395, 57.12, 57.375]",
+    "INPUT.FORMAT": '"RGB"',
+}
+
 
 def mobilenet_v2_key_map() -> Tuple[Dict[str, str], List[str]]:
     """Map the keys of :class:`~deeperlab_d2.modeling.backbone.MobileNetV2` (unprefixed) to
@@ -480,7 +516,7 @@ def convert_mobilenet_v2(
         output_stride=32, norm=norm, width_mult=width_mult, kernel_size=kernel_size
     ).state_dict()
     key_map, depthwise = mobilenet_v2_key_map()
-    return _convert(
+    conversion = _convert(
         source_state,
         target,
         key_map,
@@ -494,12 +530,27 @@ def convert_mobilenet_v2(
             f"is MobileNetV2(width_mult={width_mult}, kernel_size={kernel_size})."
         ),
     )
+    conversion.settings = {
+        "MODEL.MOBILENETV2.WIDTH_MULT": f"{width_mult}",
+        "MODEL.MOBILENETV2.KERNEL_SIZE": f"{kernel_size}",
+        **TORCHVISION_INPUT,
+    }
+    return conversion
 
 
 # ------------------------------------------------------------------------------------------
 # timm xception71 -> deeperlab_d2 Xception-71
 # ------------------------------------------------------------------------------------------
 
+#: the input of timm's ``xception71`` (its pretrained cfg: RGB, mean = std = 0.5 on [0, 1],
+#: i.e. [-1, 1]), as Detectron2 config values on 0-255 images
+TIMM_XCEPTION71_INPUT = {
+    "MODEL.PIXEL_MEAN": "[127.5, 127.5, 127.5]",
+    "MODEL.PIXEL_STD": "[127.5, 127.5, 127.5]",
+    "INPUT.FORMAT": '"RGB"',
+}
+#: the Xception-71 layout (``MODEL.XCEPTION.LAYOUT``) that computes timm's ``xception71``
+TIMM_XCEPTION71_LAYOUT = "tf_deeplab"
 #: BatchNorm epsilon of timm's ``xception71`` (TF DeepLab's ``batch_norm_epsilon``); a
 #: state_dict does not record it.
 TIMM_XCEPTION71_BN_EPS = 1e-3
@@ -529,11 +580,11 @@ def _timm_shortcut(in_channels: int, channels: Sequence[int], stride: int, no_sk
     return "conv" if channels[-1] != in_channels or stride != 1 else "identity"
 
 
-def _build_xception71(norm: str) -> Xception71:
+def _build_xception71(norm: str, layout: str = TIMM_XCEPTION71_LAYOUT) -> Xception71:
     """The plugin's Xception-71 at output stride 32 (the nominal strides; dilations change no
-    shape) on the meta device: only its structure, shapes and norms are used."""
+    shape) on the meta device: only its structure, shapes, norms and ReLUs are used."""
     with torch.device("meta"):
-        return Xception71(output_stride=32, norm=norm)
+        return Xception71(output_stride=32, norm=norm, layout=layout)
 
 
 def _xception71_blocks(backbone: Xception71) -> List[Tuple[str, int, tuple]]:
@@ -629,14 +680,18 @@ def _name_ranges(names: Sequence[str]) -> str:
 
 def xception71_differences(backbone: Optional[Xception71] = None) -> List[str]:
     """Where the plugin's Xception-71 with timm's weights computes another function than
-    timm's ``xception71`` (see the module docstring), one line each; empty if none.
+    timm's ``xception71`` (see the module docstring), one line each; empty if none (the
+    ``"tf_deeplab"`` layout).
 
-    The ReLU between depthwise BN and pointwise conv is read from the built modules (our
-    ``SeparableConv2d``'s ``depthwise.activation``); the ReLU after the residual sum is
-    :class:`~deeperlab_d2.modeling.backbone.xception.XceptionBlock`'s, in every block with a
-    shortcut.
+    Read from the built modules: the ReLU between depthwise BN and pointwise conv from our
+    ``SeparableConv2d``'s ``depthwise.activation``; the ReLU after the residual sum (instead
+    of before each separable conv) from the blocks with a shortcut whose ``pre_activation``
+    (:class:`~deeperlab_d2.modeling.backbone.xception.XceptionBlock`) is not set.
+
+    Args:
+        backbone: the target; default: a BN Xception71 of the ``"paper"`` layout.
     """
-    backbone = _build_xception71("BN") if backbone is None else backbone
+    backbone = _build_xception71("BN", "paper") if backbone is None else backbone
     blocks = _xception71_blocks(backbone)
     differences = []
 
@@ -667,6 +722,7 @@ def xception71_differences(backbone: Optional[Xception71] = None) -> List[str]:
         i
         for i, (name, _, _) in enumerate(blocks)
         if getattr(backbone, name).shortcut_type != "none"
+        and not getattr(backbone, name).pre_activation
     ]
     readers = {"conv": [], "identity": []}
     unrectified = []  # 3. blocks whose branch does not start with ReLU in timm either
@@ -748,6 +804,7 @@ def convert_xception71(
     norm: str = "BN",
     prefix: str = "backbone.",
     source_bn_eps: Optional[float] = TIMM_XCEPTION71_BN_EPS,
+    layout: str = TIMM_XCEPTION71_LAYOUT,
 ) -> Conversion:
     """Map timm ``xception71`` weights onto the plugin's Xception-71 backbone.
 
@@ -765,29 +822,35 @@ def convert_xception71(
             ``running_var`` are shifted by its difference to the target's (1e-5), so that
             BatchNorm with the ImageNet statistics computes timm's. ``None``: copied as they
             are.
+        layout: ``MODEL.XCEPTION.LAYOUT`` of the target. The tensors are the same for both
+            layouts; it decides the report: ``"tf_deeplab"`` (default) computes timm's
+            function, ``"paper"`` does not (the differences are listed).
 
     Returns:
         a :class:`Conversion`; its report lists ``head.fc.*`` as unused (the classifier), no
-        unfilled target, and the places where our blocks compute another function than
-        timm's (:func:`xception71_differences`).
+        unfilled target, the places where our blocks compute another function than timm's
+        (:func:`xception71_differences`: none for ``"tf_deeplab"``) and the config values to
+        use (``settings``: the layout, timm's input normalisation and channel order).
 
     Raises:
         ConversionError: a tensor missing from the source or of another shape (e.g. another
             timm Xception), naming the tensor and both shapes; or ``"timm"`` could not be
             fetched.
-        ValueError: bad ``norm`` or ``source_bn_eps``.
+        ValueError: bad ``norm``, ``source_bn_eps`` or ``layout``.
     """
     if norm not in BN_NORMS:
         raise ValueError(
             f"norm must be one of {BN_NORMS} (ImageNet BatchNorm statistics), got {norm!r}"
         )
+    if layout not in XCEPTION_LAYOUTS:
+        raise ValueError(f"layout must be one of {XCEPTION_LAYOUTS}, got {layout!r}")
     if isinstance(source, str) and source == "timm":
         source_name = f"timm {TIMM_XCEPTION71_PRETRAINED} (pretrained)"
         source_state = _timm_pretrained_state_dict()
     else:
         source_name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state_dict"
         source_state = load_source_state_dict(source)
-    backbone = _build_xception71(norm)
+    backbone = _build_xception71(norm, layout)
     conversion = _convert(
         source_state,
         backbone.state_dict(),
@@ -805,6 +868,17 @@ def convert_xception71(
     if source_bn_eps is not None:
         _shift_bn_eps(conversion, backbone, prefix, source_bn_eps)
     conversion.differences = xception71_differences(backbone)
+    conversion.settings = {"MODEL.XCEPTION.LAYOUT": f'"{layout}"', **TIMM_XCEPTION71_INPUT}
+    if not conversion.differences:
+        conversion.hints.append(
+            f'the same function as the source: with MODEL.XCEPTION.LAYOUT "{layout}" every '
+            "ReLU is where timm's xception71 has it (eval-mode features equal)"
+        )
+    else:
+        conversion.hints.append(
+            f'with MODEL.XCEPTION.LAYOUT "{TIMM_XCEPTION71_LAYOUT}" (--layout '
+            f"{TIMM_XCEPTION71_LAYOUT}) the converted backbone computes timm's function"
+        )
     return conversion
 
 
@@ -825,7 +899,8 @@ def convert_file(
     save_checkpoint(conversion, output)
     if verbose:
         print(conversion.format_report())
-        print(f"wrote {output}: set MODEL.WEIGHTS {output}")
+        also = " and the config values above" if conversion.settings else ""
+        print(f"wrote {output}: set MODEL.WEIGHTS {output}{also}")
     return conversion
 
 
@@ -862,6 +937,7 @@ def _run_xception71(args) -> Conversion:
         norm=args.norm,
         prefix=args.prefix,
         source_bn_eps=args.source_bn_eps,
+        layout=args.layout,
     )
 
 
@@ -906,8 +982,10 @@ def build_parser() -> argparse.ArgumentParser:
         "xception71",
         help="timm xception71 -> Xception-71 (build_xception71_backbone)",
         description="timm xception71 state_dict -> build_xception71_backbone. Use the "
-        "MODEL.XCEPTION.NORM of the config you train. The report lists where the plugin's "
-        "blocks place ReLUs differently from timm's (every tensor maps; the function differs).",
+        "MODEL.XCEPTION.NORM of the config you train. With MODEL.XCEPTION.LAYOUT tf_deeplab "
+        "the converted backbone computes timm's features; with the paper layout the report "
+        "lists where its blocks place ReLUs differently (every tensor maps; the function "
+        "differs). The report ends with the config values to train with.",
     )
     _add_io_arguments(
         x71,
@@ -927,6 +1005,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=TIMM_XCEPTION71_BN_EPS,
         help="BatchNorm eps of the source; running_var is shifted by its difference to the "
         f"target's (1e-5) so BN computes the same (default {TIMM_XCEPTION71_BN_EPS:g}, timm's)",
+    )
+    x71.add_argument(
+        "--layout",
+        default=TIMM_XCEPTION71_LAYOUT,
+        choices=XCEPTION_LAYOUTS,
+        help="MODEL.XCEPTION.LAYOUT of the config you train; the checkpoint is the same for "
+        f"both, only the report differs (default {TIMM_XCEPTION71_LAYOUT}: timm's function; "
+        "paper: lists the differences)",
     )
     x71.set_defaults(run=_run_xception71)
     return parser

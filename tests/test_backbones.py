@@ -132,9 +132,49 @@ def test_xception_partial_out_features_and_input_channels():
     assert out["res3"].shape == (1, 728, 4, 8)
 
 
+def test_xception_layouts():
+    """The layouts "paper" and "tf_deeplab" have the same parameters (checkpoints load into
+    both) and differ only in the ReLUs: tf_deeplab's residual blocks are pre-activation (ReLU
+    before each separable conv, none after the depthwise BN nor after the sum: res2..res4 not
+    rectified), exit_flow2 (no shortcut) has a ReLU after every BN in both."""
+    torch.manual_seed(0)
+    paper = Xception71(output_stride=16, num_middle_blocks=2)
+    tf = Xception71(output_stride=16, num_middle_blocks=2, layout="tf_deeplab")
+    assert (paper.layout, tf.layout) == ("paper", "tf_deeplab")
+    assert {k: v.shape for k, v in paper.state_dict().items()} == {
+        k: v.shape for k, v in tf.state_dict().items()
+    }
+    tf.load_state_dict(paper.state_dict(), strict=True)
+    for name in tf.stage_names:
+        block = getattr(tf, name)
+        has_shortcut = block.shortcut_type != "none"
+        assert block.pre_activation == has_shortcut and not getattr(paper, name).pre_activation
+        for conv in block.convs:
+            assert (conv.depthwise.activation is None) == has_shortcut
+            assert (conv.pointwise.activation is None) == has_shortcut
+    for model in (paper, tf):
+        for m in model.modules():  # BN statistics that make the sums negative somewhere
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out_paper, out_tf = paper.eval()(x), tf.eval()(x)
+    assert all((v >= 0).all() for v in out_paper.values())
+    assert all((out_tf[k] < 0).any() for k in ("res2", "res3", "res4"))
+    assert (out_tf["res5"] >= 0).all()
+    assert {k: v.shape for k, v in out_paper.items()} == {k: v.shape for k, v in out_tf.items()}
+    with pytest.raises(ValueError, match="layout"):
+        Xception71(layout="timm")
+
+
 @pytest.mark.parametrize(
     "key, value",
-    [("OUTPUT_STRIDE", 12), ("OUT_FEATURES", ["res2", "res6"]), ("OUT_FEATURES", [])],
+    [
+        ("OUTPUT_STRIDE", 12),
+        ("OUT_FEATURES", ["res2", "res6"]),
+        ("OUT_FEATURES", []),
+        ("LAYOUT", "timm"),
+    ],
 )
 def test_xception_bad_config(key, value):
     cfg = _cfg("build_xception71_backbone", **{f"MODEL.XCEPTION.{key}": value})

@@ -1,5 +1,6 @@
 """Tests of deeperlab_d2.convert: torchvision mobilenet_v2 -> MobileNetV2 / W-MNV2 and timm
-xception71 -> Xception-71 checkpoints (CPU, random weights, small inputs)."""
+xception71 -> Xception-71 checkpoints (CPU, random weights, small inputs); the X-71 configs that
+start from them, and the error for a converted-weights file not created yet."""
 
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+import yaml
 from conftest import base_cfg, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -16,10 +18,16 @@ from detectron2.modeling import build_backbone, build_model
 from safetensors.torch import save_file as save_safetensors
 
 from deeperlab_d2 import add_deeperlab_config
-from deeperlab_d2.checkpoint import DeeperLabCheckpointer
+from deeperlab_d2.checkpoint import (
+    DeeperLabCheckpointer,
+    converted_weights_command,
+    load_model_weights,
+)
 from deeperlab_d2.convert import (
     TIMM_XCEPTION71_BLOCKS,
     TIMM_XCEPTION71_BN_EPS,
+    TIMM_XCEPTION71_INPUT,
+    TIMM_XCEPTION71_LAYOUT,
     ConversionError,
     build_parser,
     convert_mobilenet_v2,
@@ -323,46 +331,15 @@ def _timm_x71_at(timm_x71, output_stride):
     return model.eval()
 
 
-def _our_x71(conversion, output_stride=32, norm="BN"):
+def _our_x71(conversion, output_stride=32, norm="BN", layout="tf_deeplab"):
     """Our Xception71 with the converted weights (built on the meta device, then the converted
     tensors are assigned: no random init to wait for)."""
     with torch.device("meta"):
-        model = Xception71(output_stride=output_stride, norm=norm)
+        model = Xception71(output_stride=output_stride, norm=norm, layout=layout)
     state = {k[len("backbone.") :]: v for k, v in conversion.state_dict.items()}
     missing, unexpected = model.load_state_dict(state, strict=True, assign=True)
     assert not missing and not unexpected
     return model.eval()
-
-
-def _conv_norm(layer, x):
-    """A Detectron2 Conv2d and its norm, without its activation."""
-    y = F.conv2d(
-        x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
-    )
-    return layer.norm(y)
-
-
-def _timm_order_forward(backbone, x):
-    """Our converted modules in the layer order of timm / TF DeepLab: a ReLU before each
-    separable conv and none between its depthwise BN and pointwise conv, no ReLU after the
-    residual sum; the block without shortcut (exit_flow2) has a ReLU after every BN and none
-    before. Returns our feature names -> the outputs of their blocks."""
-    x, out = backbone.stem(x), {}
-    for name in backbone.stage_names:
-        block = getattr(backbone, name)
-        y = x
-        if block.shortcut_type == "none":
-            for sep in block.convs:
-                y = F.relu(_conv_norm(sep.pointwise, F.relu(_conv_norm(sep.depthwise, y))))
-            x = y
-        else:
-            for sep in block.convs:
-                y = _conv_norm(sep.pointwise, _conv_norm(sep.depthwise, F.relu(y)))
-            x = y + (x if block.shortcut is None else _conv_norm(block.shortcut, x))
-        feature = backbone._stage_outputs.get(name)
-        if feature is not None:
-            out[feature] = x
-    return out
 
 
 def _timm_block_outputs(model, image):
@@ -385,6 +362,21 @@ def _timm_block_outputs(model, image):
 
 def _relative_diff(a, b):
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+
+
+def _check_features_equal_timm(features, reference, output_stride, label):
+    """``features`` (ours) equal timm's block outputs ``reference`` at res2..res5."""
+    strides = {k: 64 // v.shape[-1] for k, v in reference.items()}
+    expected = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    assert strides == {k: min(v, output_stride) for k, v in expected.items()}
+    assert {k: v.shape for k, v in features.items()} == {k: v.shape for k, v in reference.items()}
+    assert all(v.std() > 0.1 for v in reference.values())  # not a trivial comparison
+    # res2..res4 are block sums without ReLU in timm: a rectified feature would not match
+    assert all((reference[k] < -0.1).any() for k in ("res2", "res3", "res4"))
+    diff = _max_diff(features, reference)
+    relative = _relative_diff(features, reference)
+    print(f"{label}: max |ours - timm| = {diff:.3g} ({relative:.3g} of max |timm|)")
+    assert relative < 1e-5
 
 
 def test_timm_xception71_layout(timm_x71):
@@ -442,8 +434,26 @@ def test_xception71_every_tensor_lands(timm_x71, x71_conversion):
     assert "source tensors not used: 2\n  head.fc.weight\n  head.fc.bias\n" in report
     assert "target tensors not filled: 0" in report
     assert "146 BatchNorm running_var shifted by +0.00099" in report
+    # the default layout, tf_deeplab: timm's function, and the config values that make it so
+    assert conversion.differences == [] and "not the same function" not in report
+    assert 'the same function as the source: with MODEL.XCEPTION.LAYOUT "tf_deeplab"' in report
+    assert conversion.settings == {
+        "MODEL.XCEPTION.LAYOUT": '"tf_deeplab"',
+        "MODEL.PIXEL_MEAN": "[127.5, 127.5, 127.5]",
+        "MODEL.PIXEL_STD": "[127.5, 127.5, 127.5]",
+        "INPUT.FORMAT": '"RGB"',
+    }
+    assert '\n  MODEL.XCEPTION.LAYOUT: "tf_deeplab"\n' in report
+
+    # the paper layout: the same tensors, and the report lists where it is another function
+    paper = convert_xception71(timm_x71.state_dict(), layout="paper")
+    assert list(paper.state_dict) == list(conversion.state_dict)
+    assert all(torch.equal(v, conversion.state_dict[k]) for k, v in paper.state_dict.items())
+    report = paper.format_report()
     assert "not the same function as the source (3 differences" in report
-    differences = "\n".join(conversion.differences)
+    assert 'with MODEL.XCEPTION.LAYOUT "tf_deeplab" (--layout tf_deeplab)' in report
+    assert '\n  MODEL.XCEPTION.LAYOUT: "paper"\n' in report
+    differences = "\n".join(paper.differences)
     for expected in [
         "66 separable convs, all those of entry_flow1..5, middle_flow1..16, exit_flow1",
         "ReLU after the residual sum",
@@ -459,43 +469,36 @@ def test_xception71_every_tensor_lands(timm_x71, x71_conversion):
 # keep it), so it cannot load them
 @pytest.mark.parametrize("output_stride", [32, 16])
 @pytest.mark.usefixtures("one_thread")
-def test_xception71_features_equal_timm_in_timm_order(timm_x71, x71_conversion, output_stride):
-    """Every converted tensor computes timm's layer: our converted modules, run in timm's
-    layer order (the only difference, see convert.py), give timm's block outputs at res2..res5
-    (strides 4, 8, 16, 32 at output stride 32; at output stride 16 the exit flow dilated as in
-    timm)."""
+def test_xception71_features_equal_timm(timm_x71, x71_conversion, output_stride):
+    """Issue #12: the converted backbone of the tf_deeplab layout, its own forward, gives timm's
+    block outputs at res2..res5 (strides 4, 8, 16, 32 at output stride 32; at output stride 16
+    the exit flow dilated as in timm)."""
     torch.manual_seed(4)
     image = torch.randn(1, 3, 64, 64)
     reference = _timm_block_outputs(_timm_x71_at(timm_x71, output_stride), image)
     backbone = _our_x71(x71_conversion, output_stride)
+    assert backbone._out_feature_strides == {k: 64 // v.shape[-1] for k, v in reference.items()}
     with torch.no_grad():
-        features = _timm_order_forward(backbone, image)
-    strides = {k: 64 // v.shape[-1] for k, v in reference.items()}
-    expected = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-    assert strides == {k: min(v, output_stride) for k, v in expected.items()}
-    assert strides == backbone._out_feature_strides
-    assert {k: v.shape for k, v in features.items()} == {k: v.shape for k, v in reference.items()}
-    assert all(v.std() > 0.1 for v in reference.values())  # not a trivial comparison
-    diff = _relative_diff(features, reference)
-    print(f"OS {output_stride}: max |ours in timm's order - timm| / max |timm| = {diff:.3g}")
-    assert diff < 1e-4
+        features = backbone(image)
+    _check_features_equal_timm(features, reference, output_stride, f"OS {output_stride}")
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_xception71_own_forward_is_another_function(timm_x71, x71_conversion):
-    """The converted backbone's own forward: the stem is timm's, the blocks are not (the ReLUs
-    the report lists). If this fails, Xception71 now computes timm's function: make the
-    feature test compare the real forward, and drop the differences from convert.py."""
+def test_xception71_paper_layout_is_another_function(timm_x71, x71_conversion):
+    """The same converted tensors in the paper layout (the config default): the stem is timm's,
+    the blocks are not (the ReLUs the report of --layout paper lists), not even up to a final
+    ReLU. If this fails, the paper layout now computes timm's function: drop the differences
+    from convert.py."""
     torch.manual_seed(5)
     image = torch.randn(1, 3, 64, 64)
-    backbone = _our_x71(x71_conversion)
+    backbone = _our_x71(x71_conversion, layout="paper")
     with torch.no_grad():
         torch.testing.assert_close(backbone.stem(image), timm_x71.stem(image), rtol=1e-5, atol=1e-5)
         features = backbone(image)
     reference = {k: F.relu(v) for k, v in _timm_block_outputs(timm_x71, image).items()}
     assert {k: v.shape for k, v in features.items()} == {k: v.shape for k, v in reference.items()}
     diff = _relative_diff(features, reference)
-    print(f"own forward: max |ours - ReLU(timm)| / max |ReLU(timm)| = {diff:.3g}")
+    print(f"paper layout: max |ours - ReLU(timm)| / max |ReLU(timm)| = {diff:.3g}")
     assert diff > 1e-2
 
 
@@ -507,12 +510,14 @@ def test_xception71_frozen_bn(timm_x71):
     assert len(conversion.unused_source) == 2 + 146
     assert all(k.endswith("num_batches_tracked") for k in conversion.unused_source[:-2])
     assert conversion.bn_eps == (1e-3, 1e-5) and len(conversion.bn_eps_shifted) == 146
-    # FrozenBatchNorm2d (eps 1e-5) with the shifted variances computes timm's BN (eps 1e-3)
+    # FrozenBatchNorm2d (eps 1e-5) with the shifted variances computes timm's BN (eps 1e-3):
+    # Detectron2's ResNet recipe (frozen ImageNet statistics) gets timm's features
     torch.manual_seed(6)
     image = torch.randn(1, 3, 64, 64)
     backbone = _our_x71(conversion, norm="FrozenBN")
     with torch.no_grad():
-        torch.testing.assert_close(backbone.stem(image), timm_x71.stem(image), rtol=1e-5, atol=1e-5)
+        features = backbone(image)
+    _check_features_equal_timm(features, _timm_block_outputs(timm_x71, image), 32, "FrozenBN")
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -523,8 +528,9 @@ def test_xception71_checkpoint_loads_into_deeperlab(tmp_path, capsys, timm_x71):
     save_safetensors({k: v.contiguous() for k, v in timm_x71.state_dict().items()}, str(src))
     conversion = main(["xception71", "--source", str(src), "--output", str(out)])
     printed = capsys.readouterr().out
-    assert "head.fc.weight" in printed and "not the same function" in printed
-    assert f"MODEL.WEIGHTS {out}" in printed
+    assert "head.fc.weight" in printed and "not the same function" not in printed
+    assert '  MODEL.XCEPTION.LAYOUT: "tf_deeplab"\n' in printed
+    assert f"MODEL.WEIGHTS {out} and the config values above" in printed
     # safetensors stores the keys sorted
     assert sorted(conversion.unused_source) == sorted(X71_UNUSED_HEAD)
     assert conversion.unfilled_target == []
@@ -534,6 +540,7 @@ def test_xception71_checkpoint_loads_into_deeperlab(tmp_path, capsys, timm_x71):
     cfg.merge_from_file(str(X71_CITYSCAPES))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(out)])
     model = build_model(cfg)
+    assert model.backbone.layout == "tf_deeplab"
     checkpointer = DeeperLabCheckpointer(model)
     checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
     incompatible = checkpointer.incompatible
@@ -559,7 +566,9 @@ def test_xception71_source_timm(monkeypatch, timm_x71):
 
     monkeypatch.setattr(timm, "create_model", create_model)
     args = build_parser().parse_args(["xception71", "--source", "timm", "--output", "x.pth"])
-    assert args.source == "timm"
+    assert args.source == "timm" and args.layout == "tf_deeplab"
+    paper = ["xception71", "--source", "timm", "--output", "x.pth", "--layout", "paper"]
+    assert build_parser().parse_args(paper).layout == "paper"
     conversion = convert_xception71(args.source)
     assert calls == [("xception71.tf_in1k", True)]
     assert conversion.source == "timm xception71.tf_in1k (pretrained)"
@@ -604,3 +613,108 @@ def test_xception71_prefix_for_fpn(timm_x71):
         if k.startswith("bottom_up.")
     }
     assert bottom_up == {k: tuple(v.shape) for k, v in conversion.state_dict.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# the X-71 configs that start from converted ImageNet weights
+# ------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+X71_IMAGENET_CONFIGS = sorted(
+    [p for d in ("cityscapes", "coco", "mapillary_vistas") for p in (CONFIGS / d).glob("*X71*")]
+    + list((CONFIGS / "detectron2").glob("*X71*"))
+)
+
+
+def _cfg_value(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return list(cfg) if isinstance(cfg, tuple) else cfg
+
+
+def test_x71_imagenet_configs_found():
+    assert len(X71_IMAGENET_CONFIGS) == 9
+
+
+@pytest.mark.parametrize("path", X71_IMAGENET_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_x71_configs_match_converted_weights(path):
+    """Every X-71 config of a real dataset (or Detectron2's FPN models) is set up for the
+    converted ImageNet weights: the values the converter's report asks for (tf_deeplab layout,
+    timm's [-1, 1] RGB input)."""
+    cfg = get_cfg()
+    add_deeperlab_config(cfg)
+    cfg.merge_from_file(str(path))
+    settings = {"MODEL.XCEPTION.LAYOUT": f'"{TIMM_XCEPTION71_LAYOUT}"', **TIMM_XCEPTION71_INPUT}
+    for key, value in settings.items():
+        assert _cfg_value(cfg, key) == yaml.safe_load(value), key
+    if path.parent.name != "detectron2":  # those start from MODEL.WEIGHTS "" (Base-FPN.yaml)
+        command = converted_weights_command(cfg.MODEL.WEIGHTS)
+        assert command == (
+            "python -m deeperlab_d2.convert xception71 --source timm --output "
+            "weights/xception71_imagenet.pth"
+        )
+        assert command in path.read_text()  # the config's comment says the same
+
+
+# ------------------------------------------------------------------------------------------
+# a missing converted-weights file names the command that creates it
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, command",
+    [
+        (
+            "weights/xception71_imagenet.pth",
+            "python -m deeperlab_d2.convert xception71 --source timm "
+            "--output weights/xception71_imagenet.pth",
+        ),
+        (
+            "./weights/wmnv2_imagenet.pth",
+            "python -m deeperlab_d2.convert mobilenet_v2 --source mobilenet_v2_imagenet.pth "
+            "--output ./weights/wmnv2_imagenet.pth",
+        ),
+        (
+            "/data/weights/x71_fpn.pth",
+            "python -m deeperlab_d2.convert xception71 --source timm "
+            "--output /data/weights/x71_fpn.pth --prefix backbone.bottom_up.",
+        ),
+        (
+            "weights/backbone.pth",
+            "python -m deeperlab_d2.convert {xception71,mobilenet_v2} --source ... "
+            "--output weights/backbone.pth",
+        ),
+        ("output/model_final.pth", None),
+        ("weights.pth", None),
+        ("https://example.com/weights/x71.pth", None),
+        ("", None),
+    ],
+)
+def test_converted_weights_command(path, command):
+    assert converted_weights_command(path) == command
+
+
+def test_missing_converted_weights(tmp_path, monkeypatch):
+    """MODEL.WEIGHTS weights/xception71_imagenet.pth (the X-71 configs) not created yet: training
+    (DeeperLabCheckpointer) and evaluation (load_model_weights) raise FileNotFoundError with
+    the command; other missing files keep Detectron2's / the previous errors."""
+    monkeypatch.chdir(tmp_path)
+    model = torch.nn.Conv2d(1, 1, 1)
+    name = "weights/xception71_imagenet.pth"
+    expected = re.escape(f"--source timm --output {name}")
+    with pytest.raises(FileNotFoundError, match=expected) as e:
+        DeeperLabCheckpointer(model, str(tmp_path / "out")).resume_or_load(name, resume=True)
+    assert f"MODEL.WEIGHTS: {name} does not exist (relative to the working directory " in str(
+        e.value
+    )
+    with pytest.raises(FileNotFoundError, match=expected):
+        load_model_weights(model, name)
+    with pytest.raises(AssertionError, match="Checkpoint output/model.pth not found"):
+        DeeperLabCheckpointer(model).load("output/model.pth")
+    with pytest.raises(FileNotFoundError, match="checkpoint output/model.pth does not exist"):
+        load_model_weights(model, "output/model.pth")
+    # once created, it loads
+    (tmp_path / "weights").mkdir()
+    torch.save({"model": model.state_dict()}, name)
+    DeeperLabCheckpointer(model).load(name, checkpointables=[])
+    load_model_weights(model, name)
