@@ -264,9 +264,13 @@ def bench_size(h, w, repeats, rng):
 
     rows.append(("5 greedy grouping + box NMS", timeit(grouping, repeats)))
     kps, scores = grouping()
-    rows.append(("6 pixel assignment", timeit(lambda: pp.assign_pixels(pk, kps), repeats)))
-    inst_map = torch.full((h, w), -1, dtype=torch.long)
-    inst_map[ys, xs] = pp.assign_pixels(pk, kps)
+    rows.append(
+        (
+            "6 pixel assignment (instance map)",
+            timeit(lambda: pp.pixel_instance_map(pk, pixels, kps, (h, w)), repeats),
+        )
+    )
+    inst_map = pp.pixel_instance_map(pk, pixels, kps, (h, w))
     rows.append(
         (
             "7 fusion",

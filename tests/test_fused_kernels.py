@@ -20,6 +20,9 @@ needs_argmax = pytest.mark.skipif(
 needs_votes = pytest.mark.skipif(
     not compiled_op_available("cpu", "keypoint_votes"), reason="deeperlab_d2._C not built"
 )
+needs_assign = pytest.mark.skipif(
+    not compiled_op_available("cpu", "assign_pixels"), reason="deeperlab_d2._C not built"
+)
 
 
 def _random_logits(seed, shape=(2, 5, 9, 13)):
@@ -232,3 +235,92 @@ def test_whole_inference_same_with_and_without_fused_kernels(monkeypatch):
     assert torch.equal(fast["panoptic"], slow["panoptic"])
     assert torch.equal(fast["instance_keypoints"], slow["instance_keypoints"])
     torch.testing.assert_close(fast["instance_scores"], slow["instance_scores"])
+
+
+def _assign_inputs(seed, T=300, J=21, H=23, W=31, scale=40.0):
+    g = torch.Generator().manual_seed(seed)
+    pixel_kps = torch.rand(T, 5, 2, generator=g) * scale
+    pixels = torch.randperm(H * W, generator=g)[:T].sort().values
+    inst = torch.rand(J, 5, 2, generator=g) * scale
+    return pixel_kps, pixels, inst
+
+
+@needs_assign
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("J", [1, 7, 16, 17, 40])
+def test_assign_pixels_kernel_equals_reference(seed, J):
+    pk, pixels, inst = _assign_inputs(seed, J=J)
+    pk[::7] = pk[3]  # pixels predicting the same keypoints
+    inst[J // 2] = inst[0]  # duplicate instances: the first one wins
+    pk[5, 2, 0] = NAN  # a NaN distance never wins
+    got = pp.pixel_instance_map(pk, pixels, inst, (23, 31), use_compiled=True)
+    ref = pp.pixel_instance_map(pk, pixels, inst, (23, 31), chunk=37, use_compiled=False)
+    assert got.dtype == torch.long and got.shape == (23, 31)
+    assert torch.equal(got, ref)
+    flat = got.view(-1)
+    others = torch.ones(23 * 31, dtype=torch.bool)
+    others[pixels] = False
+    assert (flat[others] == -1).all()
+    # the definition, in float64 (no near-ties at this scale)
+    d = ((pk.double()[:, None] - inst.double()[None]) ** 2).sum((2, 3))
+    d[d.isnan()] = INF
+    assert torch.equal(flat[pixels], d.argmin(1))
+    assert (flat[pixels] != J // 2).all() or J // 2 == 0
+    assert flat[pixels[5]] == 0  # every distance NaN: instance 0
+
+
+@needs_assign
+def test_assign_pixels_kernel_values_by_hand_and_far_from_origin():
+    # two instances 1 px apart far from the origin, where |a|^2 - 2 a.b + |b|^2 in float32
+    # loses the difference: the sum of squared differences keeps it
+    base = torch.full((5, 2), 3000.0)
+    inst = torch.stack([base, base + 1.0])
+    pk = torch.stack([base + 0.25, base + 0.75, base + 0.5])
+    got = pp.pixel_instance_map(pk, torch.tensor([0, 4, 5]), inst, (2, 3), use_compiled=True)
+    assert got.tolist() == [[0, -1, -1], [-1, 1, 0]]  # a tie (0.5) goes to the first
+    ref = pp.pixel_instance_map(pk, torch.tensor([0, 4, 5]), inst, (2, 3), use_compiled=False)
+    assert torch.equal(got, ref)
+
+
+@needs_assign
+def test_assign_pixels_kernel_edge_cases_and_errors():
+    pk, pixels, inst = _assign_inputs(0, T=10, J=3, H=4, W=5)
+    for args in [(pk[:0], pixels[:0], inst), (pk, pixels, inst[:0])]:
+        out = pp.pixel_instance_map(*args, (4, 5), use_compiled=True)
+        assert torch.equal(out, torch.full((4, 5), -1)), args
+        assert torch.equal(out, pp.pixel_instance_map(*args, (4, 5), use_compiled=False))
+    op = torch.ops.deeperlab_d2.assign_pixels
+    with pytest.raises(RuntimeError, match="pixels must lie in"):
+        op(pk, pixels + 20, inst, 4, 5)
+    with pytest.raises(RuntimeError, match="instance_keypoints must be a float32"):
+        op(pk, pixels, inst[:, :3], 4, 5)
+    with pytest.raises(RuntimeError, match="pixel_keypoints must be a float32"):
+        op(pk.double(), pixels, inst, 4, 5)
+    with pytest.raises(RuntimeError, match="pixels must be a 1-D int64 tensor of T = 10"):
+        op(pk, pixels[:4], inst, 4, 5)
+
+
+@needs_votes
+@needs_assign
+def test_large_outputs_reused_blocks_hold_no_stale_values():
+    """Outputs of 2 MiB and more come from reused blocks (csrc/cpu_alloc.h): a call after a
+    call of the same size gets the same values as the first (planes zeroed, maps filled), and
+    a result stays valid while the next call runs."""
+    H, W = 260, 520  # [5, H, W] float32 > 2 MiB
+    heat, short, long, pixels = _vote_inputs(3, P=5, H=H, W=W)
+    cfg = post_process_cfg(keypoint_radius=4.0)
+    first = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled=True)
+    kept = [t.clone() for t in first]
+    again = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled=True)
+    for a, b, c in zip(first, kept, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    del first, again  # back to the cache, then reused with other contents
+    other = pp.keypoint_votes(heat * 0 - 20.0, short, long, pixels, cfg, use_compiled=True)
+    ref = pp.keypoint_votes(heat * 0 - 20.0, short, long, pixels, cfg, use_compiled=False)
+    torch.testing.assert_close(other[0], ref[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(other[1], ref[1], rtol=1e-5, atol=1e-7)
+    pk = torch.rand(pixels.numel(), 5, 2) * 50
+    inst = torch.rand(4, 5, 2) * 50
+    m1 = pp.pixel_instance_map(pk, pixels, inst, (H * 4, W), use_compiled=True)
+    m2 = pp.pixel_instance_map(pk[:0], pixels[:0], inst, (H * 4, W), use_compiled=True)
+    assert (m2 == -1).all() and (m1 >= 0).sum() == pixels.numel()

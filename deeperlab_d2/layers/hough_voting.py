@@ -223,7 +223,7 @@ _SPLAT_KERNEL_DEVICE_TYPES = _kernel_device_types(_SPLAT_OP_NAME, _HAS_SPLAT_OP)
 
 # The fused post-processing kernels (csrc/postprocess_cpu.cpp: CPU only; on other devices the
 # post-processing composes the ops above): device types with a kernel, per op.
-_FUSED_OPS = ("class_argmax", "keypoint_votes")
+_FUSED_OPS = ("class_argmax", "keypoint_votes", "assign_pixels")
 _FUSED_KERNEL_DEVICE_TYPES = {
     name: _kernel_device_types(
         f"deeperlab_d2::{name}",
@@ -261,6 +261,13 @@ if _FUSED_KERNEL_DEVICE_TYPES["keypoint_votes"]:
         )
 
 
+if _FUSED_KERNEL_DEVICE_TYPES["assign_pixels"]:
+
+    @torch.library.register_fake("deeperlab_d2::assign_pixels")
+    def _assign_pixels_fake(pixel_keypoints, pixels, instance_keypoints, height, width):
+        return pixel_keypoints.new_empty((height, width), dtype=torch.long)
+
+
 def _op_device_types(op):
     # Looked up at call time so that tests can monkeypatch the sets.
     if op == "hough_voting":
@@ -278,7 +285,8 @@ def compiled_op_available(device, op: str = "hough_voting") -> bool:
     Args:
         device: a ``torch.device``, a device string (``"cpu"``, ``"cuda:1"``) or a tensor.
         op: ``"hough_voting"`` (default), ``"splat_points"``, or one of the fused
-            post-processing kernels ``"class_argmax"``, ``"keypoint_votes"`` (CPU only).
+            post-processing kernels ``"class_argmax"``, ``"keypoint_votes"``,
+            ``"assign_pixels"`` (CPU only).
 
     Returns:
         True when ``torch.ops.deeperlab_d2.<op>`` is registered with a kernel for the device's

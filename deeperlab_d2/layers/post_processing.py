@@ -1196,7 +1196,10 @@ def assign_pixels(
     predicted_keypoints: torch.Tensor, instance_keypoints: torch.Tensor, chunk: int = 1 << 16
 ) -> torch.Tensor:
     """Nearest instance of each pixel, comparing the pixel's predicted keypoints with the
-    instances' keypoints (sum over the 5 keypoints of squared L2 distances).
+    instances' keypoints: the sum over the 5 keypoints of squared L2 distances, accumulated
+    coordinate by coordinate ``d = 0; d = d + (a_c - b_c)^2`` for c = y_0, x_0, ..., y_4, x_4
+    (the arithmetic of the compiled ``assign_pixels``, so the two agree bit for bit; no
+    ``|a|^2 - 2 a.b + |b|^2`` expansion, which loses precision far from the origin).
 
     Args:
         predicted_keypoints: [T, P, 2] keypoints predicted at T pixels (``x + L_k(x)``); may
@@ -1206,18 +1209,62 @@ def assign_pixels(
         chunk: pixels per chunk: memory is O(chunk * J), never O(T * J).
 
     Returns:
-        [T] int64 instance index of each pixel (the first one on a tie).
+        [T] int64 instance index of each pixel: the first one at the smallest distance; a NaN
+        distance never wins (0 when no distance is finite).
     """
     T = predicted_keypoints.shape[0]
     b = instance_keypoints.reshape(instance_keypoints.shape[0], -1)
     out = torch.empty(T, dtype=torch.long, device=b.device)
-    b2 = (b * b).sum(1)
     for s in range(0, T, chunk):
         part = predicted_keypoints[s : s + chunk].reshape(-1, b.shape[1])
-        # |a - b|^2 = |a|^2 - 2 a.b + |b|^2; |a|^2 is the same for every instance. One addmm
-        # (the same values as |b|^2 - 2 (a @ b.T): the factor -2 is exact)
-        out[s : s + chunk] = torch.addmm(b2, part, b.T, alpha=-2.0).min(1).indices
+        d = part.new_zeros(part.shape[0], b.shape[0])
+        for c in range(b.shape[1]):
+            e = part[:, c, None] - b[None, :, c]
+            d += e * e
+        d.masked_fill_(d.isnan(), math.inf)
+        out[s : s + chunk] = d.argmin(1)
     return out
+
+
+def pixel_instance_map(
+    predicted_keypoints: torch.Tensor,
+    pixels: torch.Tensor,
+    instance_keypoints: torch.Tensor,
+    size: Tuple[int, int],
+    chunk: int = 1 << 16,
+    use_compiled: Optional[bool] = None,
+) -> torch.Tensor:
+    """Step 5 for one image: the instance map, -1 everywhere but at the thing pixels, which
+    get their nearest instance (:func:`assign_pixels`).
+
+    On the CPU, one call of the compiled ``deeperlab_d2::assign_pixels`` when it is built
+    (``use_compiled``: None = when available, True = required, False = never); otherwise, and
+    on other devices, :func:`assign_pixels` and an indexed write. The two are bit-equal.
+
+    Args:
+        predicted_keypoints: [T, P, 2] keypoints predicted at the thing pixels.
+        pixels: [T] int64 flat indices ``y * W + x`` of the thing pixels.
+        instance_keypoints: [J, P, 2] (J = 0: no instance, every pixel gets -1).
+        size: (H, W).
+        chunk: pixels per chunk of :func:`assign_pixels`.
+
+    Returns:
+        [H, W] int64 instance index per pixel (-1 = none).
+    """
+    H, W = size
+    device = predicted_keypoints.device
+    if use_compiled is None:
+        use_compiled = compiled_op_available(device, "assign_pixels")
+    elif use_compiled:
+        _use_compiled("assign_pixels", device, True)
+    if use_compiled:
+        return torch.ops.deeperlab_d2.assign_pixels(
+            predicted_keypoints, pixels, instance_keypoints, H, W
+        )
+    instance_map = torch.full((H * W,), -1, dtype=torch.long, device=device)
+    if instance_keypoints.shape[0] > 0 and pixels.numel() > 0:
+        instance_map[pixels] = assign_pixels(predicted_keypoints, instance_keypoints, chunk)
+    return instance_map.view(H, W)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1397,17 +1444,13 @@ def deeperlab_instances(
         ``instance_keypoints`` [J, P, 2].
     """
     N, _, H, W = heatmap_logits.shape
-    device = heatmap_logits.device
-    # the thing pixels, found once (by image, raster order): the long-range votes and the pixel
-    # assignment read only them
-    pn, py, px = torch.nonzero(thing_mask, as_tuple=True)
+    # the thing pixels, found once (by image, raster order, as flat indices y * W + x): the
+    # long-range votes and the pixel assignment read only them
+    pn, pixels = torch.nonzero(thing_mask.reshape(N, H * W), as_tuple=True)
     counts = torch.bincount(pn, minlength=N).tolist()
-    pixels = torch.add(px, py, alpha=W)
 
     results = []
-    for n, (ys, xs, flat) in enumerate(
-        zip(py.split(counts), px.split(counts), pixels.split(counts))
-    ):
+    for n, flat in enumerate(pixels.split(counts)):
         # 1-2. refined keypoints of the thing pixels [T, P, 2] and the score maps
         score_maps, short_maps, pk = keypoint_votes(
             heatmap_logits[n], short_offsets[n], long_offsets[n], flat, cfg
@@ -1419,9 +1462,7 @@ def deeperlab_instances(
             candidates, short_maps, mid_offsets[n], short_offsets[n], cfg, pk
         )
         # 5. pixel assignment
-        instance_map = torch.full((H, W), -1, dtype=torch.long, device=device)
-        if kps.shape[0] > 0 and ys.numel() > 0:
-            instance_map[ys, xs] = assign_pixels(pk, kps, cfg.assign_chunk)
+        instance_map = pixel_instance_map(pk, flat, kps, (H, W), cfg.assign_chunk)
         results.append(
             {"instance_map": instance_map, "instance_scores": scores, "instance_keypoints": kps}
         )
