@@ -263,7 +263,18 @@ class DeeperLabCheckpointer(DetectionCheckpointer):
         for key, obj in self.checkpointables.items():
             if key in extra:
                 self.logger.info(f"Loading {key} from {self.resumed_from} ...")
-                obj.load_state_dict(extra.pop(key))
+                try:
+                    obj.load_state_dict(extra.pop(key))
+                except ValueError as e:
+                    raise CheckpointError(
+                        f"--resume: the {key} state in {self.resumed_from} does not fit this "
+                        f"run ({e}). The solver config differs from the run that saved it "
+                        "(SOLVER.OPTIMIZER, SOLVER.WEIGHT_DECAY, WEIGHT_DECAY_NORM, "
+                        "WEIGHT_DECAY_BIAS and BIAS_LR_FACTOR decide the parameter groups), or "
+                        "the checkpoint predates deeperlab_d2 applying SOLVER.WEIGHT_DECAY. "
+                        "Resume with the config it was saved with, or start a new OUTPUT_DIR "
+                        f"from its weights: MODEL.WEIGHTS {self.resumed_from}, without --resume."
+                    ) from e
         return extra
 
 

@@ -270,3 +270,23 @@ def test_resume_refuses_checkpoint_of_another_model(train_net, monkeypatch, outp
         )
     assert str(output_dir / "model_final.pth") in str(e.value)
     assert "sem_seg_head.tower" in str(e.value)
+
+
+def test_resume_with_other_parameter_groups_names_the_solver_keys(
+    train_net, monkeypatch, output_dir
+):
+    """A weight decay that splits the parameters into other groups than the saved optimizer's
+    stops the resume with a message naming the solver keys and the way out."""
+    with pytest.raises(RuntimeError, match="state in .* does not fit this run") as e:
+        train(
+            train_net,
+            monkeypatch,
+            output_dir,
+            "ADAM",
+            Record({}),
+            "SOLVER.WEIGHT_DECAY",
+            "0.0001",
+            resume=True,
+        )
+    assert "SOLVER.WEIGHT_DECAY" in str(e.value)
+    assert f"MODEL.WEIGHTS {output_dir / 'model_final.pth'}" in str(e.value)
