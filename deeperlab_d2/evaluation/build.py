@@ -29,7 +29,15 @@ def _panoptic_evaluators(dataset_name: str, output_dir: str) -> List[DatasetEval
         ParsingCoveringEvaluator(dataset_name, output_dir),
     ]
     if _has_sem_seg_files(dataset_name):
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir))
+        sem_seg = SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+        # detectron2 0.6's builtin COCO / Cityscapes panoptic metadata map only the stuff
+        # classes in stuff_dataset_id_to_contiguous_id; its SemSegEvaluator then fails on a
+        # predicted thing class ("Label 0 is not in the metadata info"): map the things too
+        if getattr(sem_seg, "_contiguous_id_to_dataset_id", None) is not None:
+            things = getattr(meta, "thing_dataset_id_to_contiguous_id", None) or {}
+            for dataset_id, contiguous_id in things.items():
+                sem_seg._contiguous_id_to_dataset_id.setdefault(contiguous_id, dataset_id)
+        evaluators.append(sem_seg)
     if getattr(meta, "json_file", None) and os.path.isfile(meta.json_file):
         # the C++ COCOeval of detectron2 is not built by scripts/install.sh
         evaluators.append(

@@ -10,12 +10,21 @@ generate them with ``python datasets/prepare_synthetic.py --variant shape``.
 ``mapillary_vistas_panoptic_train`` / ``mapillary_vistas_panoptic_val`` (Mapillary Vistas v1.2)
 live under ``$DETECTRON2_DATASETS/mapillary_vistas``; prepare them with
 ``python datasets/prepare_mapillary_vistas.py``. COCO panoptic and Cityscapes panoptic are
-registered by detectron2 itself (``coco_2017_*_panoptic``, ``cityscapes_fine_panoptic_*``).
+registered by detectron2 itself (``coco_2017_*_panoptic``, ``cityscapes_fine_panoptic_*``);
+deeperlab_d2 adds ``coco_2017_{train,val}_panoptic_with_sem_seg`` (the same plus the semantic PNGs
+of ``python datasets/prepare_coco_semantic_from_panoptic.py``). Register your own
+COCO-panoptic-format data with :func:`register_coco_panoptic_dataset`.
 """
 
 import os
 from typing import Dict, List
 
+from .custom import (
+    contiguous_id_map,
+    get_panoptic_metadata,
+    register_coco_panoptic_dataset,
+    register_coco_panoptic_with_sem_seg,
+)
 from .mapillary_vistas import (
     get_mapillary_vistas_metadata,
     load_mapillary_vistas_panoptic,
@@ -39,6 +48,8 @@ from .synthetic_categories import (
 
 __all__ = [
     "SYNTHETIC_CATEGORIES",
+    "contiguous_id_map",
+    "get_panoptic_metadata",
     "get_mapillary_vistas_metadata",
     "get_synthetic_metadata",
     "load_deeperlab_synthetic",
@@ -46,6 +57,8 @@ __all__ = [
     "mapillary_vistas_split_paths",
     "read_mapillary_vistas_categories",
     "register_all",
+    "register_coco_panoptic_dataset",
+    "register_coco_panoptic_with_sem_seg",
     "register_deeperlab_synthetic",
     "register_deeperlab_synthetic_shape",
     "register_mapillary_vistas_panoptic",
@@ -85,6 +98,8 @@ def register_all(root: str) -> None:
         register_deeperlab_synthetic_shape(root)
     if "mapillary_vistas_panoptic_train" not in DatasetCatalog.list():
         register_mapillary_vistas_panoptic(root)
+    if "coco_2017_train_panoptic_with_sem_seg" not in DatasetCatalog.list():
+        register_coco_panoptic_with_sem_seg(root)
 
 
 register_all(os.getenv("DETECTRON2_DATASETS", "datasets"))
