@@ -87,7 +87,7 @@ def missing_weights_message(path: str) -> Optional[str]:
     return (
         f"MODEL.WEIGHTS: {path} does not exist{where}. It holds converted ImageNet weights of "
         f"the backbone; create it with\n  {command}\n"
-        "(python -m deeperlab_d2.convert --help; README, ImageNet weights), or set "
+        "(python -m deeperlab_d2.convert --help; docs/training.md, ImageNet weights), or set "
         'MODEL.WEIGHTS to another checkpoint ("" trains from scratch).'
     )
 
