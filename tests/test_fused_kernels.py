@@ -23,6 +23,13 @@ needs_votes = pytest.mark.skipif(
 needs_assign = pytest.mark.skipif(
     not compiled_op_available("cpu", "assign_pixels"), reason="deeperlab_d2._C not built"
 )
+needs_cells = pytest.mark.skipif(
+    "cells_above" not in pp.CPU_KERNELS, reason="deeperlab_d2._C not built (or predates it)"
+)
+needs_fusion = pytest.mark.skipif(
+    not {"panoptic_histogram", "panoptic_lookup"} <= pp.CPU_KERNELS,
+    reason="deeperlab_d2._C not built (or predates it)",
+)
 
 
 def _random_logits(seed, shape=(2, 5, 9, 13)):
@@ -191,6 +198,58 @@ def test_sparse_peak_search_equals_dense_definition(seed):
         assert torch.equal(peaks, dense)
 
 
+@needs_cells
+@pytest.mark.parametrize("seed", range(3))
+def test_cells_above_kernel_equals_reference(seed):
+    """The compiled row scan returns the cells of the pure-PyTorch one, in the same order,
+    including its NaN rule (a row holding a NaN has a NaN maximum: skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    for shape in [(2, 3, 17, 19), (1, 5, 70, 200), (1, 1, 1, 1), (1, 2, 0, 5), (1, 2, 5, 0)]:
+        maps = torch.rand(shape, generator=g) ** 6
+        if maps.numel() > 10:
+            maps.view(-1)[3] = NAN  # row 0 of plane 0: skipped by both
+            maps.view(-1)[-1] = 0.99
+            maps[0, 0, -1, :] = INF
+        for threshold in (0.0, 0.05, 0.3, 2.0):
+            got = pp._cells_above(maps, threshold, use_compiled=True)
+            ref = pp._cells_above(maps, threshold, use_compiled=False)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), (shape, threshold)
+    maps = torch.rand(1, 2, 9, 11, generator=g)
+    got = pp._cells_above(maps[:, :, 1:, 2:], 0.5, use_compiled=True)  # a cropped view
+    ref = pp._cells_above(maps[:, :, 1:, 2:], 0.5, use_compiled=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    with pytest.raises(RuntimeError, match="must be a float32"):
+        torch.ops.deeperlab_d2.cells_above(maps.double(), 0.5)
+
+
+@needs_fusion
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("J", [0, 1, 9])
+def test_fusion_kernels_equal_reference(seed, J):
+    """fuse_panoptic's two compiled passes (histogram, lookup) give the panoptic map and
+    segments of its pure-PyTorch passes (bincount of the keys, take)."""
+    g = torch.Generator().manual_seed(seed)
+    H, W, C = 37, 53, 6
+    sem = torch.randint(-1, C, (H, W), generator=g)
+    inst = torch.randint(-1, max(J, 1), (H, W), generator=g) if J else torch.full((H, W), -1)
+    inst[sem >= 3] = -1  # stuff pixels belong to no instance
+    scores = torch.rand(J, generator=g)
+    cfg = post_process_cfg(thing_area=5, stuff_area=20)
+    got = pp.fuse_panoptic(sem, inst, scores, [0, 1, 2], C, cfg)
+    ref = pp.fuse_panoptic(sem, inst, scores, [0, 1, 2], C, cfg, use_compiled=False)
+    assert torch.equal(got[0], ref[0]) and got[0].dtype == ref[0].dtype == torch.int32
+    assert got[1] == ref[1]
+    op = torch.ops.deeperlab_d2
+    with pytest.raises(RuntimeError, match="semantic labels must lie in"):
+        op.panoptic_histogram(sem.clamp(min=0) + C, inst, C, J)
+    with pytest.raises(RuntimeError, match="instance indices in"):
+        op.panoptic_histogram(sem, inst.clamp(min=0) + J, C, J)
+    with pytest.raises(RuntimeError, match="must be int64 tensors of one shape"):
+        op.panoptic_lookup(sem, inst[:, 1:], torch.zeros(J + 1, C + 1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="lut must be an int32"):
+        op.panoptic_lookup(sem, inst, torch.zeros(J + 1, C + 1))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_group_reduce_equals_scatter_reduce(seed):
     g = torch.Generator().manual_seed(seed)
@@ -228,6 +287,7 @@ def test_whole_inference_same_with_and_without_fused_kernels(monkeypatch):
     args = (sem, heat[None], short[None], mid, long[None], [1], cfg)
     fast = pp.deeperlab_panoptic_inference(*args)[0]
     monkeypatch.setattr(hv, "_FUSED_KERNEL_DEVICE_TYPES", {k: frozenset() for k in hv._FUSED_OPS})
+    monkeypatch.setattr(pp, "CPU_KERNELS", frozenset())
     assert not compiled_op_available("cpu", "keypoint_votes")
     slow = pp.deeperlab_panoptic_inference(*args)[0]
     assert fast["instance_scores"].numel() > 0 and len(fast["segments_info"]) > 0

@@ -172,3 +172,35 @@ def test_refinement_on_a_cropped_view_equals_the_contiguous_one():
     )
     assert torch.equal(crop, same)
     assert torch.equal(refine_long_offsets(long, short, ys, xs, 0), long[:, :, ys, xs])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_walks_and_scores_equal_the_per_type_ones(seed):
+    """The batched forms used by the grouping and the keypoint search (every edge or type in
+    one batch) give the values of the per-edge / per-type functions, bit for bit: the middle-
+    range walks, the tap spreads and the expected-OKS masses (also on a cropped view)."""
+    from deeperlab_d2.layers import post_processing as pp
+    from deeperlab_d2.layers.keypoints import KEYPOINT_EDGES
+
+    g = torch.Generator().manual_seed(seed)
+    H, W, M = 30, 41, 37
+    mid = torch.randn(8, 2, H, W, generator=g) * 5
+    short = torch.randn(5, 2, H, W, generator=g)
+    ys = torch.rand(4, M, generator=g) * (H + 6) - 3  # some points outside the image
+    xs = torch.rand(4, M, generator=g) * (W + 6) - 3
+    edges = [5, 0, 7, 2]
+    for m, s in ((mid, short), (mid[..., 1:], short[..., 1:])):
+        wy, wx = pp._follow_mid_offsets_rows(m, s, edges, ys, xs, 2)
+        spread = pp._tap_spread_rows(m, edges, ys, xs)
+        for r, e in enumerate(edges):
+            ey, ex = pp.follow_mid_offsets(m, s, e, ys[r], xs[r], 2)
+            assert torch.equal(wy[r], ey) and torch.equal(wx[r], ex)
+            assert torch.equal(spread[r], pp._tap_spread(m[e], ys[r], xs[r]))
+    assert len(KEYPOINT_EDGES) == mid.shape[0]
+    maps = torch.rand(5, H, W, generator=g)
+    types = torch.randint(0, 5, (M,), generator=g)
+    mass = pp._expected_oks_typed(maps, types, ys[0], xs[0], 3.0)
+    for t in range(5):
+        sel = types == t
+        expected = pp.expected_oks_scores(maps[t], ys[0][sel], xs[0][sel], 3.0, clip=False)
+        assert torch.equal(mass[sel], expected)

@@ -3,8 +3,9 @@
 ``hough_voting`` is the keypoint Hough-voting op (compiled C++/CUDA kernel from
 ``deeperlab_d2._C`` when built, pure-PyTorch ``hough_voting_reference`` otherwise);
 ``splat_points`` (``splat_points_reference``) its sparse entry point, voting from a list of points.
-``post_processing`` is DeeperLab's post-processing (fused CPU kernels ``class_argmax`` and
-``keypoint_votes`` where built, with pure-PyTorch references); ``center_post_processing`` is
+``post_processing`` is DeeperLab's post-processing (compiled CPU kernels ``class_argmax``,
+``keypoint_votes``, ``assign_pixels``, ``cells_above``, ``panoptic_histogram`` and
+``panoptic_lookup`` where built, each with a pure-PyTorch reference); ``center_post_processing`` is
 Panoptic-DeepLab's post-processing (center heatmap + offsets).
 """
 

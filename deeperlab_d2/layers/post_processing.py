@@ -35,9 +35,15 @@ kernel ``deeperlab_d2::keypoint_votes`` per image (:func:`keypoint_votes`: the r
 thing pixels and both vote maps, two passes over the head outputs); their pure-PyTorch
 references (:func:`semantic_labels`, :func:`keypoint_votes_reference`) are the oracles and what
 runs on other devices (there they compose the Hough-voting ops, which have CUDA kernels). The
-peak search reads only the rows of the maps that exceed the threshold (:func:`local_peaks`);
-the thing pixels are found once, and the refinement, the long-range votes and the assignment run
-on them only. A few host synchronizations per image, none per instance: the same code runs on
+peak search reads only the rows of the maps that exceed the threshold (:func:`local_peaks`; on
+the CPU the row scan is the compiled ``deeperlab_d2::cells_above``), and the fusion's two passes
+(histogram of the (instance, class) pairs, table lookup) are compiled on the CPU too
+(``panoptic_histogram``, ``panoptic_lookup``; :data:`CPU_KERNELS`, each beside its
+pure-PyTorch reference). The grouping walks the middle-range offsets of the 4 edges in one
+batch, and the keypoint search scores every type's expected-OKS mass in one batch (the values of
+the per-edge and per-type functions, bit for bit). The thing pixels are found once, and the
+refinement, the long-range votes and the assignment run on them only. A few host
+synchronizations per image, none per instance: the same code runs on
 CUDA. ``python benchmarks/bench_postprocess.py`` times every stage.
 
 Robustness: the head outputs may come in any floating dtype (bfloat16/float16 under autocast,
@@ -59,6 +65,30 @@ import torch.nn.functional as F
 
 from .hough_voting import _use_compiled, compiled_op_available, hough_voting, splat_points
 from .keypoints import CENTER, KEYPOINT_EDGES, NUM_EDGES, NUM_KEYPOINTS  # noqa: F401
+
+
+def _has_cpu_kernel(name: str) -> bool:
+    # whether deeperlab_d2._C (loaded by .hough_voting when built) registered a CPU kernel
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"deeperlab_d2::{name}", "CPU")
+    except RuntimeError:  # no such op (not built, or built before it existed)
+        return False
+
+
+#: The compiled CPU kernels of this module beside the fused ones of ``hough_voting``
+#: (``csrc/postprocess_cpu.cpp``): the peak search's cells above the threshold and the two passes
+#: of the fusion. Each has its pure-PyTorch reference here (the path of other devices, and of
+#: the CPU when this set is empty; the tests compare the two).
+CPU_KERNELS = frozenset(
+    name
+    for name in ("cells_above", "panoptic_histogram", "panoptic_lookup")
+    if _has_cpu_kernel(name)
+)
+
+
+def _cpu_kernel(name: str, tensor: torch.Tensor) -> bool:
+    """Whether the compiled kernel ``name`` of :data:`CPU_KERNELS` runs on ``tensor``."""
+    return tensor.device.type == "cpu" and name in CPU_KERNELS
 
 
 @dataclass
@@ -519,6 +549,25 @@ def expected_oks_scores(
     return out.clamp(max=1.0) if clip else out
 
 
+def _expected_oks_typed(
+    maps: torch.Tensor, types: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """:func:`expected_oks_scores` (not clipped) of hypotheses of several keypoint types, each
+    on the map of its type (``maps[types[m]]``, [P, H, W] maps), in one batch: the same float32
+    operations, value for value."""
+    H, W = maps.shape[-2:]
+    r = max(1, int(math.ceil(3 * sigma)))
+    d = torch.arange(-r, r + 1, device=maps.device)
+    cy, cx = torch.round(ys).long(), torch.round(xs).long()
+    qy = cy[:, None, None] + d[None, :, None]  # [M, 2r+1, 1]
+    qx = cx[:, None, None] + d[None, None, :]  # [M, 1, 2r+1]
+    ok = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+    vals = maps[types[:, None, None], qy.clamp(0, H - 1), qx.clamp(0, W - 1)] * ok
+    d2 = (qy - ys[:, None, None]) ** 2 + (qx - xs[:, None, None]) ** 2
+    kernel = torch.exp(-d2 / (2 * sigma**2))
+    return (vals * kernel).flatten(1).sum(1)
+
+
 def support_scores(
     short_map: torch.Tensor,
     ys: torch.Tensor,
@@ -762,16 +811,15 @@ def find_keypoints(
         sel = n_idx == n
         types, py, px = k_idx[sel], y_idx[sel], x_idx[sel]
         ys, xs = _subpixel(score_maps[n], types, py, px)
-        scores, spread, mass = torch.zeros_like(ys), torch.zeros_like(ys), torch.zeros_like(ys)
+        scores, spread = torch.zeros_like(ys), torch.zeros_like(ys)
         for t in range(P):
             sel = types == t
             if sel.any():
                 scores[sel], spread[sel] = support_scores(
                     short_maps[n, t], ys[sel], xs[sel], cfg.keypoint_radius, cfg.oks_sigma, True
                 )
-                mass[sel] = expected_oks_scores(
-                    score_maps[n, t], ys[sel], xs[sel], cfg.oks_sigma, clip=False
-                )
+        # every type in one batch (the values of expected_oks_scores on each type's map)
+        mass = _expected_oks_typed(score_maps[n], types, ys, xs, cfg.oks_sigma)
         # candidates: supported by their own short-range votes (support score) or by the fused
         # votes (expected-OKS mass of short + long votes: the instance's pixels agree on it);
         # the greedy queue takes the most voted first
@@ -863,15 +911,24 @@ def local_peaks(
     return n[keep], k[keep], y[keep], x[keep]
 
 
-def _cells_above(maps: torch.Tensor, threshold: float):
+def _cells_above(maps: torch.Tensor, threshold: float, use_compiled: Optional[bool] = None):
     """``torch.nonzero(maps > threshold, as_tuple=True)`` of [N, P, H, W] maps (same order),
     for sparse maps: only the rows whose maximum exceeds the threshold are searched (one
-    vectorized pass over the maps instead of a full-size mask and its scan)."""
+    vectorized pass over the maps instead of a full-size mask and its scan; a row holding a NaN
+    is skipped, as its maximum is NaN). On the CPU (float32 maps), that pass is one call of the
+    compiled ``deeperlab_d2::cells_above`` when it is built (``use_compiled``: None = when
+    available, False = never); the result is the same."""
     N, P, H, W = maps.shape
-    rows = maps.reshape(N * P * H, W)
-    hit = torch.nonzero(rows.amax(1) > threshold).flatten() if W else rows.new_zeros(0).long()
-    r, x = torch.nonzero(rows[hit] > threshold, as_tuple=True)
-    row = hit[r]
+    if use_compiled is None:
+        use_compiled = _cpu_kernel("cells_above", maps) and maps.dtype == torch.float32
+    if use_compiled:
+        flat = torch.ops.deeperlab_d2.cells_above(maps, threshold)
+        row, x = torch.div(flat, W, rounding_mode="floor"), flat % W
+    else:
+        rows = maps.reshape(N * P * H, W)
+        hit = torch.nonzero(rows.amax(1) > threshold).flatten() if W else rows.new_zeros(0).long()
+        r, x = torch.nonzero(rows[hit] > threshold, as_tuple=True)
+        row = hit[r]
     y = row % H
     plane = torch.div(row, H, rounding_mode="floor")
     return torch.div(plane, P, rounding_mode="floor"), plane % P, y, x
@@ -933,36 +990,35 @@ def propose_instances(
     types, ys, xs = candidates["type"], candidates["y"], candidates["x"]
     M = ys.numel()
     kps = ys.new_zeros(M, NUM_KEYPOINTS, 2)
+    corners = torch.arange(4, device=ys.device)[:, None]
+    to_center = [KEYPOINT_EDGES.index((k, CENTER)) for k in range(4)]
+    from_center = [KEYPOINT_EDGES.index((CENTER, k)) for k in range(4)]
+    # corner candidates walk to the center (the 4 edges sampled at every candidate, one batch;
+    # each candidate keeps the walk of its own type)
+    wy, wx = _follow_mid_offsets_rows(
+        mid_offsets, short_offsets, to_center, ys.expand(4, M), xs.expand(4, M), steps
+    )
+    own = types[None] == corners  # [4, M]: candidate m is a corner of type k
     cy, cx = ys.clone(), xs.clone()
-    for k in range(4):  # corner candidates: walk to the center
-        sel = types == k
-        if sel.any():
-            cy[sel], cx[sel] = follow_mid_offsets(
-                mid_offsets,
-                short_offsets,
-                KEYPOINT_EDGES.index((k, CENTER)),
-                ys[sel],
-                xs[sel],
-                steps,
-            )
+    for k in range(4):
+        cy = torch.where(own[k], wy[k], cy)
+        cx = torch.where(own[k], wx[k], cx)
     kps[:, CENTER, 0], kps[:, CENTER, 1] = cy, cx
     check = pixel_keypoints is not None and pixel_keypoints.shape[0] > 0
+    # every candidate: from the center to each corner (a corner candidate keeps its own
+    # position)
+    ky, kx = _follow_mid_offsets_rows(
+        mid_offsets, short_offsets, from_center, cy.expand(4, M), cx.expand(4, M), steps
+    )
+    kps[:, :4, 0] = torch.where(own, ys[None], ky).T
+    kps[:, :4, 1] = torch.where(own, xs[None], kx).T
     suspect = torch.zeros(M, dtype=torch.bool, device=ys.device)
-    for k in range(4):  # every candidate: from the center to each corner
-        edge = KEYPOINT_EDGES.index((CENTER, k))
-        ky, kx = follow_mid_offsets(mid_offsets, short_offsets, edge, cy, cx, steps)
-        own = types == k  # a corner candidate keeps its own position
-        kps[:, k, 0] = torch.where(own, ys, ky)
-        kps[:, k, 1] = torch.where(own, xs, kx)
-        if check:
-            back = own & (torch.hypot(ky - ys, kx - xs) > tolerance)
-            spread = _tap_spread(mid_offsets[edge], cy, cx)
-            if own.any():
-                to_center = KEYPOINT_EDGES.index((k, CENTER))
-                spread[own] = torch.maximum(
-                    spread[own], _tap_spread(mid_offsets[to_center], ys[own], xs[own])
-                )
-            suspect |= back | (spread > tolerance)
+    if check:
+        back = own & (torch.hypot(ky - ys[None], kx - xs[None]) > tolerance)
+        spread = _tap_spread_rows(mid_offsets, from_center, cy.expand(4, M), cx.expand(4, M))
+        back_spread = _tap_spread_rows(mid_offsets, to_center, ys.expand(4, M), xs.expand(4, M))
+        spread = torch.where(own, torch.maximum(spread, back_spread), spread)
+        suspect = (back | (spread > tolerance)).any(0)
     suspect = torch.nonzero(suspect & (types < CENTER)).flatten()
     if suspect.numel() > 0:
         est, found = _keypoints_from_pixels(
@@ -973,6 +1029,77 @@ def propose_instances(
         off = found & ((est - kps[suspect]).norm(dim=-1).amax(1) > tolerance)
         kps[suspect[off]] = est[off]
     return kps
+
+
+def _plane_bases(fields: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    # [R, C] flat offsets of the planes of fields[rows[r]] ([K, C, H, W] fields) in their
+    # contiguous storage
+    K, C, H, W = fields.shape
+    r = torch.tensor(list(rows), dtype=torch.long, device=fields.device)
+    return (r[:, None] * C + torch.arange(C, device=fields.device)) * (H * W)
+
+
+def _bilinear_sample_rows(fields, rows, ys, xs):
+    """:func:`bilinear_sample` of ``fields[rows[r]]`` ([K, C, H, W] fields) at its own points
+    ``ys[r]``, ``xs[r]`` ([R, M] each), for every row r in one batch: [R, C, M]. Each value is
+    computed with the float32 operations of :func:`bilinear_sample`, in the same order."""
+    K, C, H, W = fields.shape
+    flat = fields.reshape(-1)
+    base = _plane_bases(fields, rows)[:, :, None]  # [R, C, 1]
+    y0f, x0f = torch.floor(ys), torch.floor(xs)
+    wy1, wx1 = ys - y0f, xs - x0f
+    y0, x0 = y0f.long(), x0f.long()
+    out = fields.new_zeros(ys.shape[0], C, ys.shape[1])
+    for dy, wy in ((0, 1 - wy1), (1, wy1)):
+        for dx, wx in ((0, 1 - wx1), (1, wx1)):
+            yy, xx = y0 + dy, x0 + dx
+            ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1))[:, None]
+            w = torch.where(ok, wy * wx, torch.zeros_like(wy))
+            out += flat[base + idx] * w[:, None]
+    return out
+
+
+def _follow_mid_offsets_rows(mid_offsets, short_offsets, edges, ys, xs, steps):
+    """:func:`follow_mid_offsets` along ``edges[r]`` from the points ``ys[r]``, ``xs[r]`` ([R, M]
+    each) for every row r in one batch (the same values): ``(ys', xs')``, [R, M] each."""
+    if not (mid_offsets.is_contiguous() and short_offsets.is_contiguous()):
+        walks = [
+            follow_mid_offsets(mid_offsets, short_offsets, e, ys[r], xs[r], steps)
+            for r, e in enumerate(edges)
+        ]
+        return torch.stack([w[0] for w in walks]), torch.stack([w[1] for w in walks])
+    targets = [KEYPOINT_EDGES[e][1] for e in edges]
+    m = _bilinear_sample_rows(mid_offsets, edges, ys, xs)
+    for _ in range(steps):
+        m = m + _bilinear_sample_rows(short_offsets, targets, ys + m[:, 0], xs + m[:, 1])
+    return ys + m[:, 0], xs + m[:, 1]
+
+
+def _tap_spread_rows(mid_offsets, edges, ys, xs):
+    """:func:`_tap_spread` of ``mid_offsets[edges[r]]`` at ``ys[r]``, ``xs[r]`` ([R, M] each)
+    for every row r in one batch (the same values): [R, M]."""
+    if not mid_offsets.is_contiguous():
+        return torch.stack([_tap_spread(mid_offsets[e], ys[r], xs[r]) for r, e in enumerate(edges)])
+    E, _, H, W = mid_offsets.shape
+    flat = mid_offsets.reshape(-1)
+    base = _plane_bases(mid_offsets, edges)  # [R, 2]
+    y0f, x0f = torch.floor(ys), torch.floor(xs)
+    fy, fx = ys - y0f, xs - x0f
+    y0, x0 = y0f.long(), x0f.long()
+    targets, oks = [], []
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = y0 + dy, x0 + dx
+            ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & (wy * wx > 0.01)
+            idx = yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
+            oy, ox = flat[base[:, 0, None] + idx], flat[base[:, 1, None] + idx]
+            targets.append(torch.stack([yy + oy, xx + ox], -1))
+            oks.append(ok)
+    t, ok = torch.stack(targets), torch.stack(oks)  # [4, R, M, 2], [4, R, M]
+    w = ok.to(t.dtype)[..., None]
+    mean = (t * w).sum(0) / w.sum(0).clamp(min=1)
+    return torch.where(ok, (t - mean).norm(dim=-1), 0.0).amax(0)
 
 
 def _tap_spread(offsets: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -1277,6 +1404,7 @@ def fuse_panoptic(
     thing_ids: Sequence[int],
     num_classes: int,
     cfg: PostProcessConfig,
+    use_compiled: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, List[dict]]:
     """Panoptic id map and segments_info from semantic labels and instance assignment.
 
@@ -1299,7 +1427,10 @@ def fuse_panoptic(
     votes and areas and the stuff areas, and whose lookup in a ``[(J + 1) x (C + 1)]`` table of
     segment ids gives the panoptic map (a void pixel -> 0; a labeled pixel of instance j -> j's
     segment, 0 if dropped; a pixel of no instance -> its stuff segment, 0 for a thing class).
-    One transfer of the histogram to the host; no per-instance device work.
+    One transfer of the histogram to the host; no per-instance device work. On the CPU the two
+    passes are the compiled ``deeperlab_d2::panoptic_histogram`` and ``panoptic_lookup`` when
+    they are built (``use_compiled``: None = when available, False = never; no key map is
+    materialized; the same result).
     """
     device = semantic.device
     C = num_classes
@@ -1307,8 +1438,18 @@ def fuse_panoptic(
     is_thing = [False] * C
     for c in thing_ids:
         is_thing[c] = True
-    key = torch.add(semantic, instance_map, alpha=C + 1).add_(C + 2)
-    hist = torch.bincount(key.view(-1), minlength=(J + 1) * (C + 1)).view(J + 1, C + 1).cpu()
+    compiled = (
+        _cpu_kernel("panoptic_histogram", semantic)
+        and _cpu_kernel("panoptic_lookup", semantic)
+        and semantic.dtype == instance_map.dtype == torch.long
+        and use_compiled is not False
+    )
+    if compiled:  # the same two passes, compiled, without the full-size key map
+        hist = torch.ops.deeperlab_d2.panoptic_histogram(semantic, instance_map, C, J)
+        hist = hist.view(J + 1, C + 1)
+    else:
+        key = torch.add(semantic, instance_map, alpha=C + 1).add_(C + 2)
+        hist = torch.bincount(key.view(-1), minlength=(J + 1) * (C + 1)).view(J + 1, C + 1).cpu()
     # segment id per (instance + 1, class + 1); row 0 = no instance, column 0 = void
     lut = torch.zeros(J + 1, C + 1, dtype=torch.int32)
     segments: List[dict] = []
@@ -1339,6 +1480,8 @@ def fuse_panoptic(
         segments.append(
             {"id": seg_id, "category_id": c, "isthing": False, "score": 1.0, "area": area}
         )
+    if compiled:
+        return torch.ops.deeperlab_d2.panoptic_lookup(semantic, instance_map, lut), segments
     return torch.take(lut.to(device), key), segments
 
 

@@ -29,6 +29,17 @@
 //   first instance at the smallest sum of squared coordinate differences (bit-equal to
 //   post_processing.assign_pixels; NaN distances never win).
 //
+// * cells_above(maps [..., W] float32, threshold) -> [M] int64: the flat indices, in order, of
+//   the cells > threshold of the rows whose maximum is > threshold (a row holding a NaN is
+//   skipped: its maximum is NaN); post_processing._cells_above's row scan (the peak search).
+//
+// * panoptic_histogram(semantic [H, W] int64, instance_map [H, W] int64, C, J) ->
+//   [(J + 1) * (C + 1)] int64: the number of pixels of each (instance + 1, class + 1) pair
+//   (classes in [-1, C), instances in [-1, J); anything else raises), and
+//   panoptic_lookup(semantic, instance_map, lut [J + 1, C + 1] int32) -> [H, W] int32:
+//   lut[instance + 1, class + 1] at each pixel; the two passes of post_processing.fuse_panoptic
+//   (its reference: bincount of the keys, torch.take).
+//
 // Outputs of 2 MiB and more come from cpu_alloc.h (reused blocks, transparent huge pages).
 
 #include <ATen/ATen.h>
@@ -93,21 +104,34 @@ std::tuple<at::Tensor, at::Tensor> class_argmax_cpu(
   const float inf = std::numeric_limits<float>::infinity();
   if (C > 0 && logits_in.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     // channels last (e.g. a model run in that memory format): each pixel's logits are
-    // contiguous, one pixel at a time
+    // contiguous; blocks of pixels, classes in the outer loop, a branch-free select per pixel
+    // (the same rule as below: the first class at the largest finite logit)
     const float* lp = logits_in.data_ptr<float>();
-    at::parallel_for(0, N * HW, 4096, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* v = lp + p * C;
-        float best = -inf;
-        int64_t idx = -1;
+    const int64_t total = N * HW;
+    const int64_t blocks = (total + kArgmaxBlock - 1) / kArgmaxBlock;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      float best[kArgmaxBlock];
+      int32_t idx[kArgmaxBlock];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t p0 = b * kArgmaxBlock;
+        const int64_t len = std::min(kArgmaxBlock, total - p0);
+        for (int64_t i = 0; i < len; ++i) {
+          best[i] = -inf;
+          idx[i] = -1;
+        }
+        const float* base = lp + p0 * C;
         for (int64_t c = 0; c < C; ++c) {
-          if (v[c] > best && v[c] < inf) {
-            best = v[c];
-            idx = c;
+          for (int64_t i = 0; i < len; ++i) {
+            const float v = base[i * C + c];
+            const bool take = (v > best[i]) & (v < inf);
+            best[i] = take ? v : best[i];
+            idx[i] = take ? static_cast<int32_t>(c) : idx[i];
           }
         }
-        out[p] = idx;
-        fout[p] = idx >= 0 && fp[idx];
+        for (int64_t i = 0; i < len; ++i) {
+          out[p0 + i] = idx[i];
+          fout[p0 + i] = idx[i] >= 0 && fp[idx[i]];
+        }
       }
     });
     return {labels, flagged};
@@ -175,13 +199,100 @@ void splat_points_plane(
 // Pixels per block of the refinement.
 constexpr int64_t kRefineBlock = 256;
 
+// Lanes of pass (a) of refine_block (one 16-byte vector of floats).
+constexpr int64_t kLanes = 4;
+
+// Pass (a) of refine_block for lanes [0, n) (n a multiple of kLanes): the sample position
+// (py, px) = (yq + ly, xq + lx); ok = py, px in (-1, size) (NaN and +-inf fail); (vy, vx) =
+// ok ? (py, px) : 0; y0 = floor(vy) by truncation and a correction; tap weights wy * wx with
+// wy1 = vy - y0, wy0 = 1 - wy1 (same for x); masks (nonzero = the tap is inside and ok). The
+// float32 operations of the scalar form, each rounded on its own.
+inline void refine_positions(
+    const float* yq, const float* xq, const float* ly, const float* lx, int64_t n, float lim_y,
+    float lim_x, int32_t H, int32_t W, float* w00, float* w01, float* w10, float* w11,
+    int32_t* y0s, int32_t* x0s, int32_t* m00, int32_t* m01, int32_t* m10, int32_t* m11) {
+#if defined(__GNUC__)
+  typedef float v4f __attribute__((vector_size(16)));
+  typedef int32_t v4i __attribute__((vector_size(16)));
+  const v4f zero = {0.f, 0.f, 0.f, 0.f}, one = {1.f, 1.f, 1.f, 1.f};
+  const v4f minus1 = {-1.f, -1.f, -1.f, -1.f};
+  const v4f ly_lim = {lim_y, lim_y, lim_y, lim_y}, lx_lim = {lim_x, lim_x, lim_x, lim_x};
+  const v4i zi = {0, 0, 0, 0};
+  const v4i hm1 = {H - 1, H - 1, H - 1, H - 1};
+  const v4i wm1 = {W - 1, W - 1, W - 1, W - 1};
+  for (int64_t i = 0; i < n; i += kLanes) {
+    v4f a, b, c, d;
+    std::memcpy(&a, yq + i, sizeof(a));
+    std::memcpy(&b, ly + i, sizeof(b));
+    std::memcpy(&c, xq + i, sizeof(c));
+    std::memcpy(&d, lx + i, sizeof(d));
+    const v4f py = a + b;
+    const v4f px = c + d;
+    const v4i ok = (py > minus1) & (py < ly_lim) & (px > minus1) & (px < lx_lim);
+    const v4f vy = ok ? py : zero;
+    const v4f vx = ok ? px : zero;
+    const v4i ty = __builtin_convertvector(vy, v4i);  // truncation
+    const v4i tx = __builtin_convertvector(vx, v4i);
+    const v4i y0 = ty + (vy < __builtin_convertvector(ty, v4f));  // true = -1
+    const v4i x0 = tx + (vx < __builtin_convertvector(tx, v4f));
+    const v4f wy1 = vy - __builtin_convertvector(y0, v4f);
+    const v4f wx1 = vx - __builtin_convertvector(x0, v4f);
+    const v4f wy0 = one - wy1;
+    const v4f wx0 = one - wx1;
+    const v4f r00 = wy0 * wx0, r01 = wy0 * wx1, r10 = wy1 * wx0, r11 = wy1 * wx1;
+    const v4i oky0 = ok & (y0 >= zi), oky1 = ok & (y0 < hm1);  // y0 + 1 < H
+    const v4i okx0 = x0 >= zi, okx1 = x0 < wm1;
+    const v4i q00 = oky0 & okx0, q01 = oky0 & okx1, q10 = oky1 & okx0, q11 = oky1 & okx1;
+    std::memcpy(w00 + i, &r00, sizeof(r00));
+    std::memcpy(w01 + i, &r01, sizeof(r01));
+    std::memcpy(w10 + i, &r10, sizeof(r10));
+    std::memcpy(w11 + i, &r11, sizeof(r11));
+    std::memcpy(y0s + i, &y0, sizeof(y0));
+    std::memcpy(x0s + i, &x0, sizeof(x0));
+    std::memcpy(m00 + i, &q00, sizeof(q00));
+    std::memcpy(m01 + i, &q01, sizeof(q01));
+    std::memcpy(m10 + i, &q10, sizeof(q10));
+    std::memcpy(m11 + i, &q11, sizeof(q11));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) {
+    const float py = yq[i] + ly[i];
+    const float px = xq[i] + lx[i];
+    const bool ok = (py > -1.f) & (py < lim_y) & (px > -1.f) & (px < lim_x);
+    const float vy = ok ? py : 0.f;
+    const float vx = ok ? px : 0.f;
+    const int32_t ty = static_cast<int32_t>(vy);
+    const int32_t tx = static_cast<int32_t>(vx);
+    const int32_t y0 = ty - (vy < static_cast<float>(ty) ? 1 : 0);
+    const int32_t x0 = tx - (vx < static_cast<float>(tx) ? 1 : 0);
+    const float wy1 = vy - static_cast<float>(y0);
+    const float wx1 = vx - static_cast<float>(x0);
+    const float wy0 = 1.f - wy1;
+    const float wx0 = 1.f - wx1;
+    w00[i] = wy0 * wx0;
+    w01[i] = wy0 * wx1;
+    w10[i] = wy1 * wx0;
+    w11[i] = wy1 * wx1;
+    y0s[i] = y0;
+    x0s[i] = x0;
+    const bool oky0 = ok & (y0 >= 0), oky1 = ok & (y0 + 1 < H);
+    const bool okx0 = x0 >= 0, okx1 = x0 + 1 < W;
+    m00[i] = oky0 & okx0;
+    m01[i] = oky0 & okx1;
+    m10[i] = oky1 & okx0;
+    m11[i] = oky1 & okx1;
+  }
+#endif
+}
+
 // Step 1 for the pixels pix[0, len) (len <= kRefineBlock): their long-range offsets of every
 // type, refined `steps` times by L += S_k(q + L), as keypoints q + L into
 // kp[(i * P + k) * 2 + {0, 1}]. The bilinear samples of _sample_planes in post_processing.py:
 // tap weights wy * wx, the taps added to 0 one by one in the order (0,0), (0,1), (1,0), (1,1),
-// zero outside the planes (a tap outside adds +0, which leaves the sum as skipping it does), in three passes over the block per type and step so that two of
-// them vectorize: (a) sample positions, tap weights and in-plane masks, (b) gathering the 8
-// tap values (scalar loads from clamped indices), (c) masked weighted sums.
+// zero outside the planes (a tap outside adds +0, which leaves the sum as skipping it does), in
+// three passes over the block per type and step so that two of them vectorize: (a) sample
+// positions, tap weights and in-plane masks (refine_positions, explicit vectors), (b) gathering
+// the 8 tap values (scalar loads from clamped indices), (c) masked weighted sums.
 void refine_block(
     const float* lp,
     const float* sp,
@@ -207,6 +318,11 @@ void refine_block(
     yq[i] = static_cast<float>(y);
     xq[i] = static_cast<float>(q - y * W);
   }
+  // pass (a) runs on whole vectors: the lanes past len hold zeros (their results are unused)
+  const int64_t len_v = (len + kLanes - 1) / kLanes * kLanes;
+  for (int64_t i = len; i < len_v; ++i) {
+    yq[i] = xq[i] = ly[i] = lx[i] = 0.f;
+  }
   for (int64_t k = 0; k < P; ++k) {
     const float* Ly = lp + (2 * k) * HW;
     const float* Lx = Ly + HW;
@@ -217,34 +333,11 @@ void refine_block(
       lx[i] = Lx[pix[i]];
     }
     for (int64_t s = 0; s < steps; ++s) {
-      // (a) positions -> floor, weights, masks (NaN / inf / far positions: no tap)
-      for (int64_t i = 0; i < len; ++i) {
-        const float py = yq[i] + ly[i];
-        const float px = xq[i] + lx[i];
-        const bool ok = (py > -1.f) & (py < lim_y) & (px > -1.f) & (px < lim_x);
-        const float vy = ok ? py : 0.f;
-        const float vx = ok ? px : 0.f;
-        const int32_t ty = static_cast<int32_t>(vy);
-        const int32_t tx = static_cast<int32_t>(vx);
-        const int32_t y0 = ty - (vy < static_cast<float>(ty) ? 1 : 0);
-        const int32_t x0 = tx - (vx < static_cast<float>(tx) ? 1 : 0);
-        const float wy1 = vy - static_cast<float>(y0);
-        const float wx1 = vx - static_cast<float>(x0);
-        const float wy0 = 1.f - wy1;
-        const float wx0 = 1.f - wx1;
-        w00[i] = wy0 * wx0;
-        w01[i] = wy0 * wx1;
-        w10[i] = wy1 * wx0;
-        w11[i] = wy1 * wx1;
-        y0s[i] = y0;
-        x0s[i] = x0;
-        const bool oky0 = ok & (y0 >= 0), oky1 = ok & (y0 + 1 < H);
-        const bool okx0 = x0 >= 0, okx1 = x0 + 1 < W;
-        m00[i] = oky0 & okx0;
-        m01[i] = oky0 & okx1;
-        m10[i] = oky1 & okx0;
-        m11[i] = oky1 & okx1;
-      }
+      // (a) positions -> floor, weights, masks (NaN / inf / far positions: no tap), 4 lanes
+      // at a time (GCC vector extensions: the compiler leaves the scalar loop unvectorized)
+      refine_positions(
+          yq, xq, ly, lx, len_v, lim_y, lim_x, static_cast<int32_t>(H), static_cast<int32_t>(W),
+          w00, w01, w10, w11, y0s, x0s, m00, m01, m10, m11);
       // (b) the tap values (index 0 stands in for a tap outside; its value is masked below)
       for (int64_t i = 0; i < len; ++i) {
         const int64_t i00 = static_cast<int64_t>(y0s[i]) * W + x0s[i];
@@ -531,6 +624,199 @@ at::Tensor assign_pixels_cpu(
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// cells_above
+// ------------------------------------------------------------------------------------------
+// Rows per task of cells_above.
+constexpr int64_t kCellRows = 64;
+
+at::Tensor cells_above_cpu(const at::Tensor& maps_in, double threshold) {
+  TORCH_CHECK(
+      maps_in.dim() >= 1 && maps_in.scalar_type() == at::kFloat,
+      "cells_above: maps must be a float32 tensor of at least 1 dimension, got ",
+      maps_in.scalar_type(), " of shape ", maps_in.sizes());
+  const at::Tensor maps = maps_in.contiguous();
+  const int64_t W = maps.size(-1);
+  const int64_t numel = maps.numel();
+  if (numel == 0 || W == 0) {
+    return at::empty({0}, maps.options().dtype(at::kLong));
+  }
+  const int64_t R = numel / W;
+  const float thr = static_cast<float>(threshold);  // as torch compares float32 with a scalar
+  const float* mp = maps.data_ptr<float>();
+  const int64_t tasks = (R + kCellRows - 1) / kCellRows;
+  std::vector<std::vector<int64_t>> found(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::vector<int64_t>& out = found[t];
+      const int64_t r1 = std::min(R, (t + 1) * kCellRows);
+      for (int64_t r = t * kCellRows; r < r1; ++r) {
+        const float* row = mp + r * W;
+        // the row's maximum exceeds the threshold <=> no NaN (the maximum would be NaN) and
+        // some cell above it; branch-free, vectorized
+        int32_t above = 0, nan = 0;
+        for (int64_t i = 0; i < W; ++i) {
+          above += row[i] > thr ? 1 : 0;
+          nan += row[i] != row[i] ? 1 : 0;
+        }
+        if (above == 0 || nan != 0) {
+          continue;
+        }
+        for (int64_t i = 0; i < W; ++i) {
+          if (row[i] > thr) {
+            out.push_back(r * W + i);
+          }
+        }
+      }
+    }
+  });
+  int64_t total = 0;
+  for (const auto& v : found) {
+    total += static_cast<int64_t>(v.size());
+  }
+  auto result = at::empty({total}, maps.options().dtype(at::kLong));
+  int64_t* rp = result.data_ptr<int64_t>();
+  for (const auto& v : found) {
+    std::copy(v.begin(), v.end(), rp);
+    rp += v.size();
+  }
+  return result;
+}
+
+// ------------------------------------------------------------------------------------------
+// panoptic_histogram, panoptic_lookup
+// ------------------------------------------------------------------------------------------
+// Pixels per task of the two fusion passes.
+constexpr int64_t kFusePixels = 1 << 16;
+
+void check_fusion_maps(const char* op, const at::Tensor& semantic, const at::Tensor& instance_map) {
+  TORCH_CHECK(
+      semantic.scalar_type() == at::kLong && instance_map.scalar_type() == at::kLong &&
+          semantic.sizes() == instance_map.sizes(),
+      op, ": semantic and instance_map must be int64 tensors of one shape, got ",
+      semantic.scalar_type(), " ", semantic.sizes(), " and ", instance_map.scalar_type(), " ",
+      instance_map.sizes());
+}
+
+// Raises the error of a pixel whose class or instance index is out of range (after a pass
+// found one: the loops check branch-free).
+void fusion_range_error(
+    const char* op, const int64_t* sp, const int64_t* ip, int64_t n, int64_t C, int64_t J) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(
+        sp[i] >= -1 && sp[i] < C && ip[i] >= -1 && ip[i] < J, op,
+        ": semantic labels must lie in [-1, ", C, ") and instance indices in [-1, ", J,
+        "), got ", sp[i], " and ", ip[i]);
+  }
+}
+
+// Whether pixel i's class and instance lie in [-1, C) and [-1, J) (unsigned compares).
+inline bool fusion_in_range(int64_t cls, int64_t inst, int64_t C, int64_t J) {
+  return (static_cast<uint64_t>(cls + 1) < static_cast<uint64_t>(C + 1)) &
+         (static_cast<uint64_t>(inst + 1) < static_cast<uint64_t>(J + 1));
+}
+
+// Copies of the histogram a task keeps (pixel i counts in copy i % kHistCopies): consecutive
+// pixels of one segment increment different counters, not one chain of dependent increments.
+constexpr int64_t kHistCopies = 4;
+
+at::Tensor panoptic_histogram_cpu(
+    const at::Tensor& semantic_in,
+    const at::Tensor& instance_in,
+    int64_t num_classes,
+    int64_t num_instances) {
+  const char* op = "panoptic_histogram";
+  check_fusion_maps(op, semantic_in, instance_in);
+  TORCH_CHECK(num_classes >= 0 && num_instances >= 0, op, ": sizes must be >= 0");
+  const at::Tensor sem = semantic_in.contiguous();
+  const at::Tensor inst = instance_in.contiguous();
+  const int64_t C = num_classes, J = num_instances;
+  const int64_t bins = (J + 1) * (C + 1);
+  const int64_t n = sem.numel();
+  const int64_t* sp = sem.data_ptr<int64_t>();
+  const int64_t* ip = inst.data_ptr<int64_t>();
+  const int64_t tasks = (n + kFusePixels - 1) / kFusePixels;
+  std::vector<std::vector<int64_t>> partial(tasks);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::vector<int64_t>& h = partial[t];
+      h.assign(bins * kHistCopies, 0);
+      const int64_t i0 = t * kFusePixels, i1 = std::min(n, (t + 1) * kFusePixels);
+      bool ok = true;
+      int64_t i = i0;
+      for (; i + kHistCopies <= i1; i += kHistCopies) {
+        for (int64_t c = 0; c < kHistCopies; ++c) {
+          const int64_t cls = sp[i + c], in = ip[i + c];
+          const bool inside = fusion_in_range(cls, in, C, J);
+          ok &= inside;
+          // an out-of-range pixel counts in bin 0 of its copy (the call raises anyway)
+          h[c * bins + (inside ? (in + 1) * (C + 1) + (cls + 1) : 0)] += 1;
+        }
+      }
+      for (; i < i1; ++i) {
+        const bool inside = fusion_in_range(sp[i], ip[i], C, J);
+        ok &= inside;
+        h[inside ? (ip[i] + 1) * (C + 1) + (sp[i] + 1) : 0] += 1;
+      }
+      if (!ok) {
+        bad = true;
+      }
+    }
+  });
+  if (bad) {
+    fusion_range_error(op, sp, ip, n, C, J);
+  }
+  auto hist = at::zeros({bins}, sem.options());
+  int64_t* hp = hist.data_ptr<int64_t>();
+  for (const auto& h : partial) {
+    for (int64_t c = 0; c < kHistCopies; ++c) {
+      for (int64_t b = 0; b < bins; ++b) {
+        hp[b] += h[c * bins + b];
+      }
+    }
+  }
+  return hist;
+}
+
+at::Tensor panoptic_lookup_cpu(
+    const at::Tensor& semantic_in,
+    const at::Tensor& instance_in,
+    const at::Tensor& lut_in) {
+  const char* op = "panoptic_lookup";
+  check_fusion_maps(op, semantic_in, instance_in);
+  TORCH_CHECK(
+      lut_in.dim() == 2 && lut_in.scalar_type() == at::kInt && lut_in.size(1) >= 1,
+      op, ": lut must be an int32 tensor [J + 1, C + 1], got ", lut_in.scalar_type(), " of shape ",
+      lut_in.sizes());
+  const at::Tensor sem = semantic_in.contiguous();
+  const at::Tensor inst = instance_in.contiguous();
+  const at::Tensor lut = lut_in.to(at::kCPU).contiguous();
+  const int64_t C = lut.size(1) - 1, J = lut.size(0) - 1;
+  const int64_t n = sem.numel();
+  auto out = empty_cpu_large(sem.sizes(), at::kInt);
+  const int64_t* sp = sem.data_ptr<int64_t>();
+  const int64_t* ip = inst.data_ptr<int64_t>();
+  const int32_t* lp = lut.data_ptr<int32_t>();
+  int32_t* op_ = out.data_ptr<int32_t>();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n, kFusePixels, [&](int64_t i0, int64_t i1) {
+    bool ok = true;
+    for (int64_t i = i0; i < i1; ++i) {
+      const bool inside = fusion_in_range(sp[i], ip[i], C, J);
+      ok &= inside;
+      op_[i] = lp[inside ? (ip[i] + 1) * (C + 1) + (sp[i] + 1) : 0];
+    }
+    if (!ok) {
+      bad = true;
+    }
+  });
+  if (bad) {
+    fusion_range_error(op, sp, ip, n, C, J);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace deeperlab_d2
 
@@ -543,10 +829,18 @@ TORCH_LIBRARY_FRAGMENT(deeperlab_d2, m) {
   m.def(
       "assign_pixels(Tensor pixel_keypoints, Tensor pixels, Tensor instance_keypoints, "
       "int height, int width) -> Tensor");
+  m.def("cells_above(Tensor maps, float threshold) -> Tensor");
+  m.def(
+      "panoptic_histogram(Tensor semantic, Tensor instance_map, int num_classes, "
+      "int num_instances) -> Tensor");
+  m.def("panoptic_lookup(Tensor semantic, Tensor instance_map, Tensor lut) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deeperlab_d2, CPU, m) {
   m.impl("class_argmax", &deeperlab_d2::class_argmax_cpu);
   m.impl("keypoint_votes", &deeperlab_d2::keypoint_votes_cpu);
   m.impl("assign_pixels", &deeperlab_d2::assign_pixels_cpu);
+  m.impl("cells_above", &deeperlab_d2::cells_above_cpu);
+  m.impl("panoptic_histogram", &deeperlab_d2::panoptic_histogram_cpu);
+  m.impl("panoptic_lookup", &deeperlab_d2::panoptic_lookup_cpu);
 }
