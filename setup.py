@@ -69,8 +69,11 @@ def get_extensions():
     # -ffp-contract=off: no a * b + c is fused into an FMA (GCC does so by default on targets
     # with FMA instructions, e.g. aarch64 or -march=native), so that the CPU kernels round every
     # operation as the CUDA kernels (round-to-nearest intrinsics) and the reference do.
+    # -g0 overrides the -g of Python's CFLAGS: debug info for the torch headers is most of the
+    # object files and a quarter of their compile time (measured: 43 -> 32 s CPU for
+    # hough_voting.cpp); it changes no generated code.
     extra_compile_args = {
-        "cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+        "cxx": ["-O3", "-g0", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     }
     extra_link_args = []
     if sys.platform != "win32":
@@ -85,6 +88,9 @@ def get_extensions():
         print(f"deeperlab_d2: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         sources += [os.path.join(CSRC, n) for n in ("hough_voting_cuda.cu", "splat_points_cuda.cu")]
         define_macros.append(("WITH_CUDA", None))
+        # The .cu files hold only the kernels and their launchers and include no torch header
+        # (csrc/voting_cuda.h): nvcc parses each one once per architecture plus once for the
+        # host, which with ATen/ATen.h took ~95 s of CPU per file, now ~3.5 s.
         # The kernels use __fmul_rn/__fadd_rn/__fsub_rn (never contracted); --fmad=false keeps
         # any other float expression from being fused into an FMA as well.
         extra_compile_args["nvcc"] = ["-O3", "--fmad=false"]
@@ -96,7 +102,9 @@ def get_extensions():
         extension(
             "deeperlab_d2._C",
             sources,
-            depends=[os.path.join(CSRC, "voting_common.h")],
+            depends=[
+                os.path.join(CSRC, n) for n in ("voting_common.h", "voting_cuda.h", "cpu_alloc.h")
+            ],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,

@@ -4,7 +4,11 @@
 // `detectron2._C` cannot be built as upstream does. DeeperLab needs none of the custom
 // detectron2 kernels (NMS and ROIAlign come from torchvision); detectron2 only needs the
 // module to exist and to answer the three introspection calls below.
-#include <torch/extension.h>
+// Only pybind11 (shipped with torch's headers), not torch/extension.h: nothing here uses torch,
+// and the full torch headers would make this file take ~1 min of CPU to compile.
+#include <pybind11/pybind11.h>
+
+#include <string>
 
 namespace deeperlab_d2_shim {
 

@@ -11,9 +11,17 @@
 // The CPU kernel is deterministic: every output cell is written by one thread at a time in a
 // fixed order, and partial buffers (when the rows of a plane are split across threads) are
 // summed in a fixed order. The split depends only on the shapes and on at::get_num_threads().
+//
+// With -DWITH_CUDA it also holds the at::Tensor side of the CUDA kernel (hough_voting_cuda.cu
+// has only the kernel and its launcher: voting_cuda.h).
+//
+// Headers: ATen/core/Tensor.h and the per-operator headers of the ops used, not ATen/ATen.h
+// (every operator's declarations, most of the compile time of a small source like this one).
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -25,6 +33,14 @@
 #include <vector>
 
 #include "voting_common.h"
+
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "voting_cuda.h"
+#endif
 
 namespace deeperlab_d2 {
 
@@ -293,11 +309,58 @@ bool compiled_with_cuda() {
 #endif
 }
 
-}  // namespace
-
 #ifdef WITH_CUDA
-int64_t hough_voting_cuda_runtime_version();  // defined in hough_voting_cuda.cu
-#endif
+// Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE
+// headers that a bare CUDA toolkit may lack).
+at::Tensor hough_voting_cuda(
+    const at::Tensor& offsets_in,
+    const at::Tensor& weights_in,
+    int64_t out_h,
+    int64_t out_w,
+    double scale) {
+  check_hough_voting_args(offsets_in, weights_in, out_h, out_w, scale);
+  TORCH_CHECK(
+      offsets_in.device().is_cuda(),
+      "hough_voting: the CUDA kernel got offsets on ",
+      offsets_in.device());
+  TORCH_CHECK(
+      weights_in.device().is_cuda(),
+      "hough_voting: the CUDA kernel got weights on ",
+      weights_in.device());
+  const c10::cuda::CUDAGuard device_guard(offsets_in.device());
+  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const int64_t n = offsets.size(0);
+  const int64_t k = offsets.size(1);
+  const int64_t width = offsets.size(4);
+  const int64_t in_plane = offsets.size(3) * width;
+  at::Tensor out = at::zeros({n, k, out_h, out_w}, weights.options());
+  const int64_t total = weights.numel();
+  if (total == 0 || out.numel() == 0) {
+    return out;
+  }
+  // 32-bit indexing when every index, and the grid-stride step past the end, fits (unless a
+  // test forces the 64-bit path: deeperlab_d2._C._set_force_int64_indexing).
+  const int64_t largest = std::max(offsets.numel(), out.numel()) + total;
+  const bool index64 = !(largest < std::numeric_limits<int32_t>::max() && !force_int64_indexing());
+  launch_hough_voting_kernel(
+      offsets.const_data_ptr<float>(),
+      weights.const_data_ptr<float>(),
+      out.mutable_data_ptr<float>(),
+      total,
+      width,
+      in_plane,
+      out_h,
+      out_w,
+      static_cast<float>(scale),
+      index64,
+      c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+#endif  // WITH_CUDA
+
+}  // namespace
 
 }  // namespace deeperlab_d2
 
@@ -316,6 +379,12 @@ TORCH_LIBRARY(deeperlab_d2, m) {
 TORCH_LIBRARY_IMPL(deeperlab_d2, CPU, m) {
   m.impl("hough_voting", &deeperlab_d2::hough_voting_cpu);
 }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(deeperlab_d2, CUDA, m) {
+  m.impl("hough_voting", &deeperlab_d2::hough_voting_cuda);
+}
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deeperlab_d2 compiled ops; importing it registers torch.ops.deeperlab_d2.*";

@@ -4,21 +4,17 @@
 // to run). The taps themselves are computed with round-to-nearest intrinsics that nvcc never
 // contracts into FMAs (voting_common.h): bit-equal to the CPU kernel's.
 //
-// Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE
-// headers that a bare CUDA toolkit may lack).
+// Only the kernel and its launcher are here, with no torch header (voting_cuda.h says why): the
+// at::Tensor side of the op (checks, device guard, stream, allocation, launch error check,
+// registration) is in hough_voting.cpp.
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
 #include "voting_common.h"
+#include "voting_cuda.h"
 
 namespace deeperlab_d2 {
 
@@ -92,74 +88,49 @@ __global__ void hough_voting_kernel(
 
 template <typename index_t>
 void launch(
-    const at::Tensor& offsets,
-    const at::Tensor& weights,
-    at::Tensor& out,
+    const float* offsets,
+    const float* weights,
+    float* out,
     int64_t total,
     int64_t width,
     int64_t in_plane,
     int64_t out_h,
     int64_t out_w,
-    float scale) {
+    float scale,
+    cudaStream_t stream) {
   const int64_t blocks =
       std::min<int64_t>(kMaxBlocks, (total + kThreadsPerBlock - 1) / kThreadsPerBlock);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   hough_voting_kernel<index_t><<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
-      offsets.const_data_ptr<float>(),
-      weights.const_data_ptr<float>(),
-      out.mutable_data_ptr<float>(),
+      offsets,
+      weights,
+      out,
       static_cast<index_t>(total),
       static_cast<index_t>(width),
       static_cast<index_t>(in_plane),
       static_cast<index_t>(out_h),
       static_cast<index_t>(out_w),
       scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor hough_voting_cuda(
-    const at::Tensor& offsets_in,
-    const at::Tensor& weights_in,
-    int64_t out_h,
-    int64_t out_w,
-    double scale) {
-  check_hough_voting_args(offsets_in, weights_in, out_h, out_w, scale);
-  TORCH_CHECK(
-      offsets_in.device().is_cuda(),
-      "hough_voting: the CUDA kernel got offsets on ",
-      offsets_in.device());
-  TORCH_CHECK(
-      weights_in.device().is_cuda(),
-      "hough_voting: the CUDA kernel got weights on ",
-      weights_in.device());
-  const c10::cuda::CUDAGuard device_guard(offsets_in.device());
-  const at::Tensor offsets = offsets_in.contiguous();
-  const at::Tensor weights = weights_in.contiguous();
-  const int64_t n = offsets.size(0);
-  const int64_t k = offsets.size(1);
-  const int64_t width = offsets.size(4);
-  const int64_t in_plane = offsets.size(3) * width;
-  at::Tensor out = at::zeros({n, k, out_h, out_w}, weights.options());
-  const int64_t total = weights.numel();
-  if (total == 0 || out.numel() == 0) {
-    return out;
-  }
-  // 32-bit indexing when every index, and the grid-stride step past the end, fits (unless a
-  // test forces the 64-bit path: deeperlab_d2._C._set_force_int64_indexing).
-  const int64_t largest = std::max(offsets.numel(), out.numel()) + total;
-  if (largest < std::numeric_limits<int32_t>::max() && !force_int64_indexing()) {
-    launch<int32_t>(
-        offsets, weights, out, total, width, in_plane, out_h, out_w, static_cast<float>(scale));
-  } else {
-    launch<int64_t>(
-        offsets, weights, out, total, width, in_plane, out_h, out_w, static_cast<float>(scale));
-  }
-  return out;
 }
 
 }  // namespace
-}  // namespace deeperlab_d2
 
-TORCH_LIBRARY_IMPL(deeperlab_d2, CUDA, m) {
-  m.impl("hough_voting", &deeperlab_d2::hough_voting_cuda);
+void launch_hough_voting_kernel(
+    const float* offsets,
+    const float* weights,
+    float* out,
+    int64_t total,
+    int64_t width,
+    int64_t in_plane,
+    int64_t out_h,
+    int64_t out_w,
+    float scale,
+    bool index64,
+    cudaStream_t stream) {
+  if (index64) {
+    launch<int64_t>(offsets, weights, out, total, width, in_plane, out_h, out_w, scale, stream);
+  } else {
+    launch<int32_t>(offsets, weights, out, total, width, in_plane, out_h, out_w, scale, stream);
+  }
 }
+
+}  // namespace deeperlab_d2

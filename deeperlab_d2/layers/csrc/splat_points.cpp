@@ -19,8 +19,9 @@
 // Partial planes are added to the output afterwards in thread order. Every cell thus sums its
 // taps in a fixed order that depends only on the inputs and the number of threads.
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,6 +32,14 @@
 #include <vector>
 
 #include "voting_common.h"
+
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "voting_cuda.h"
+#endif
 
 namespace deeperlab_d2 {
 
@@ -417,9 +426,69 @@ at::Tensor splat_points_cpu(
   return out;
 }
 
+#ifdef WITH_CUDA
+// The CUDA op (the kernel and its launcher are in splat_points_cuda.cu). A map_index outside
+// [0, num_maps) is a device-side assertion there (like an out-of-range index of
+// torch.index_add_ on CUDA).
+at::Tensor splat_points_cuda(
+    const at::Tensor& points_in,
+    const at::Tensor& weights_in,
+    const at::Tensor& map_index_in,
+    int64_t num_maps,
+    int64_t out_h,
+    int64_t out_w,
+    double scale) {
+  check_splat_points_args(points_in, weights_in, map_index_in, num_maps, out_h, out_w, scale);
+  TORCH_CHECK(
+      points_in.device().is_cuda(),
+      "splat_points: the CUDA kernel got points on ",
+      points_in.device());
+  TORCH_CHECK(
+      out_h <= std::numeric_limits<int32_t>::max() && out_w <= std::numeric_limits<int32_t>::max(),
+      "splat_points: out_h and out_w must be < 2^31, got out_h=",
+      out_h,
+      ", out_w=",
+      out_w);
+  const c10::cuda::CUDAGuard device_guard(points_in.device());
+  const at::Tensor points = points_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const at::Tensor map_index = map_index_in.contiguous();
+  const int64_t num_points = points.size(0);
+  at::Tensor out = at::zeros({num_maps, out_h, out_w}, weights.options());
+  // Launched even for an empty output, so that map_index is checked as on the CPU.
+  if (num_points == 0) {
+    return out;
+  }
+  // 32-bit indexing when every index, and the grid-stride step past the end, fits (unless a
+  // test forces the 64-bit path: deeperlab_d2._C._set_force_int64_indexing).
+  const int64_t largest = std::max(points.numel(), out.numel()) + num_points;
+  const bool index64 = !(largest < std::numeric_limits<int32_t>::max() && !force_int64_indexing());
+  launch_splat_points_kernel(
+      points.const_data_ptr<float>(),
+      weights.const_data_ptr<float>(),
+      map_index.const_data_ptr<int64_t>(),
+      out.mutable_data_ptr<float>(),
+      num_points,
+      num_maps,
+      out_h,
+      out_w,
+      static_cast<float>(scale),
+      index64,
+      c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+#endif  // WITH_CUDA
+
 }  // namespace
 }  // namespace deeperlab_d2
 
 TORCH_LIBRARY_IMPL(deeperlab_d2, CPU, m) {
   m.impl("splat_points", &deeperlab_d2::splat_points_cpu);
 }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(deeperlab_d2, CUDA, m) {
+  m.impl("splat_points", &deeperlab_d2::splat_points_cuda);
+}
+#endif

@@ -8,19 +8,18 @@
 // torch.index_add_ on CUDA): the CUDA context is unusable afterwards. The point is skipped as
 // well, so that nothing is written out of bounds should assertions be compiled out.
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// Only the kernel and its launcher are here, with no torch header but c10's macros (voting_cuda.h
+// says why): the at::Tensor side of the op (checks, device guard, stream, allocation, launch
+// error check, registration) is in splat_points.cpp.
+
 #include <c10/macros/Macros.h>
-#include <cuda_runtime_api.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
 #include "voting_common.h"
+#include "voting_cuda.h"
 
 namespace deeperlab_d2 {
 namespace {
@@ -86,92 +85,51 @@ __global__ void splat_points_kernel(
 
 template <typename index_t>
 void launch(
-    const at::Tensor& points,
-    const at::Tensor& weights,
-    const at::Tensor& map_index,
-    at::Tensor& out,
+    const float* points,
+    const float* weights,
+    const int64_t* map_index,
+    float* out,
     int64_t num_points,
     int64_t num_maps,
     int64_t out_h,
     int64_t out_w,
-    float scale) {
+    float scale,
+    cudaStream_t stream) {
   const int64_t blocks =
       std::min<int64_t>(kMaxBlocks, (num_points + kThreadsPerBlock - 1) / kThreadsPerBlock);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   splat_points_kernel<index_t><<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
-      points.const_data_ptr<float>(),
-      weights.const_data_ptr<float>(),
-      map_index.const_data_ptr<int64_t>(),
-      out.mutable_data_ptr<float>(),
+      points,
+      weights,
+      map_index,
+      out,
       static_cast<index_t>(num_points),
       num_maps,
       static_cast<index_t>(out_h),
       static_cast<index_t>(out_w),
       scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor splat_points_cuda(
-    const at::Tensor& points_in,
-    const at::Tensor& weights_in,
-    const at::Tensor& map_index_in,
-    int64_t num_maps,
-    int64_t out_h,
-    int64_t out_w,
-    double scale) {
-  check_splat_points_args(points_in, weights_in, map_index_in, num_maps, out_h, out_w, scale);
-  TORCH_CHECK(
-      points_in.device().is_cuda(),
-      "splat_points: the CUDA kernel got points on ",
-      points_in.device());
-  TORCH_CHECK(
-      out_h <= std::numeric_limits<int32_t>::max() && out_w <= std::numeric_limits<int32_t>::max(),
-      "splat_points: out_h and out_w must be < 2^31, got out_h=",
-      out_h,
-      ", out_w=",
-      out_w);
-  const c10::cuda::CUDAGuard device_guard(points_in.device());
-  const at::Tensor points = points_in.contiguous();
-  const at::Tensor weights = weights_in.contiguous();
-  const at::Tensor map_index = map_index_in.contiguous();
-  const int64_t num_points = points.size(0);
-  at::Tensor out = at::zeros({num_maps, out_h, out_w}, weights.options());
-  // Launched even for an empty output, so that map_index is checked as on the CPU.
-  if (num_points == 0) {
-    return out;
-  }
-  // 32-bit indexing when every index, and the grid-stride step past the end, fits (unless a
-  // test forces the 64-bit path: deeperlab_d2._C._set_force_int64_indexing).
-  const int64_t largest = std::max(points.numel(), out.numel()) + num_points;
-  if (largest < std::numeric_limits<int32_t>::max() && !force_int64_indexing()) {
-    launch<int32_t>(
-        points,
-        weights,
-        map_index,
-        out,
-        num_points,
-        num_maps,
-        out_h,
-        out_w,
-        static_cast<float>(scale));
-  } else {
-    launch<int64_t>(
-        points,
-        weights,
-        map_index,
-        out,
-        num_points,
-        num_maps,
-        out_h,
-        out_w,
-        static_cast<float>(scale));
-  }
-  return out;
 }
 
 }  // namespace
-}  // namespace deeperlab_d2
 
-TORCH_LIBRARY_IMPL(deeperlab_d2, CUDA, m) {
-  m.impl("splat_points", &deeperlab_d2::splat_points_cuda);
+void launch_splat_points_kernel(
+    const float* points,
+    const float* weights,
+    const int64_t* map_index,
+    float* out,
+    int64_t num_points,
+    int64_t num_maps,
+    int64_t out_h,
+    int64_t out_w,
+    float scale,
+    bool index64,
+    cudaStream_t stream) {
+  if (index64) {
+    launch<int64_t>(
+        points, weights, map_index, out, num_points, num_maps, out_h, out_w, scale, stream);
+  } else {
+    launch<int32_t>(
+        points, weights, map_index, out, num_points, num_maps, out_h, out_w, scale, stream);
+  }
 }
+
+}  // namespace deeperlab_d2

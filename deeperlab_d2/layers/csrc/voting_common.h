@@ -12,10 +12,16 @@
 // round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fsub_rn), which nvcc never fuses, and the
 // C++ sources are compiled with -ffp-contract=off (setup.py). CPU and GPU then compute bit-equal
 // taps; only the summation order of the taps that land on one cell differs (atomicAdd on GPU).
+//
+// The .cu files include this header for the device arithmetic only: nothing of ATen is visible
+// under nvcc, so that they compile without parsing the torch headers (several times: once per
+// GPU architecture, once for the host); their at::Tensor wrappers are in the .cpp files.
 
 #pragma once
 
-#include <ATen/ATen.h>
+#if !defined(__CUDACC__)
+#include <ATen/core/Tensor.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -29,6 +35,7 @@
 
 namespace deeperlab_d2 {
 
+#if !defined(__CUDACC__)
 // Argument checks shared by the CPU and CUDA kernels (defined in hough_voting.cpp and
 // splat_points.cpp). They raise RuntimeError (TORCH_CHECK) with the op's name.
 void check_hough_voting_args(
@@ -66,6 +73,7 @@ void vote_rows(
 // indices even where 32-bit ones fit, so that tests can run the 64-bit path on inputs of a
 // manageable size. Defined in hough_voting.cpp.
 bool force_int64_indexing();
+#endif  // !defined(__CUDACC__)
 
 DEEPERLAB_HD bool is_finite(float v) {
 #if defined(__CUDA_ARCH__)
