@@ -183,6 +183,41 @@ def test_keypoint_votes_kernel_edge_cases_and_errors():
         pp.keypoint_votes(heat, short[:, :, :-1], long, pixels, cfg, use_compiled=True)
 
 
+@needs_votes
+@pytest.mark.parametrize("min_vote_prob", [0.01, 0.3, 0.99, 0.995, 1e-6, 1e-7, 0.0, 1.0])
+def test_keypoint_votes_short_vote_screening_at_the_threshold(min_vote_prob):
+    """The kernel skips the sigmoid of logits far below logit(min_vote_prob) (and lists the
+    other pixels a band of rows at a time, 16-pixel chunks): every pixel at or near the
+    threshold, NaN and +-inf logits, rows of only skipped, only listed and mixed chunks, and a
+    width that is no multiple of 16 decide as the reference does. Zero short offsets: each
+    vote lands on its own pixel, so the short map is p * norm exactly where a pixel votes."""
+    P, H, W = 2, 9, 37
+    lo = math.log(max(min_vote_prob, 1e-30) / max(1.0 - min_vote_prob, 1e-30))
+    lo = min(max(lo, -80.0), 80.0)
+    g = torch.Generator().manual_seed(0)
+    heat = torch.full((P, H, W), lo - 30.0)  # row 0: nothing listed
+    heat[:, 1] = lo + 5.0  # every pixel listed
+    heat[:, 2:6] = lo + torch.linspace(-0.2, 0.2, 4 * W).view(4, W)  # at the threshold
+    heat[:, 6] = lo + torch.randn(W, generator=g) * 0.07
+    heat[:, 6, ::5] = lo - 30.0  # mixed chunks
+    heat[0, 7, :3] = torch.tensor([NAN, INF, -INF])
+    heat[1, 8] = torch.nextafter(torch.tensor(lo), torch.tensor(-INF))  # one ulp around it
+    heat[1, 8, ::2] = torch.nextafter(torch.tensor(lo), torch.tensor(INF))
+    short = torch.zeros(P, 2, H, W)
+    long = torch.zeros(P, 2, H, W)
+    pixels = torch.arange(0, H * W, 3)
+    cfg = post_process_cfg(keypoint_radius=1.0, min_vote_prob=min_vote_prob)
+    a = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled=True)
+    b = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled=False)
+    probs = torch.threshold(heat.sigmoid(), pp._float32_below(min_vote_prob), 0.0)
+    votes = (probs > 0) & ~probs.isnan()
+    assert torch.equal(a[1] > 0, votes)  # the same pixels vote
+    assert torch.equal(b[1] > 0, votes)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(a[2], b[2])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_sparse_peak_search_equals_dense_definition(seed):
     g = torch.Generator().manual_seed(seed)

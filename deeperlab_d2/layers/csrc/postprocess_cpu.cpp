@@ -22,7 +22,11 @@
 //      fused = long_votes * (long_weight * norm) + short * short_weight
 //      (fused = short * short_weight when long_weight <= 0).
 //   The same float32 operations as the reference, each rounded on its own (-ffp-contract=off);
-//   only the summation order of the taps on one cell may differ in the last bits.
+//   only the summation order of the taps on one cell may differ in the last bits. Logits far
+//   below logit(min_vote_prob) (vote_screen) skip the sigmoid: their probability is below
+//   min_vote_prob by a margin far wider than any float32 sigmoid's rounding. The refinement and
+//   the short votes (and assign_pixels' distances) have AVX2 clones picked at load time
+//   (target_clones; same IEEE operations, no FMA: bit-equal).
 //
 // * assign_pixels(pixel_keypoints [T, P, 2], pixels [T] int64, instance_keypoints [J, P, 2],
 //   H, W) -> instance_map [H, W] int64: -1 everywhere but at the listed pixels, which get the
@@ -42,8 +46,12 @@
 //
 // Outputs of 2 MiB and more come from cpu_alloc.h (reused blocks, transparent huge pages).
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/threshold.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -179,9 +187,16 @@ std::tuple<at::Tensor, at::Tensor> class_argmax_cpu(
 // Cells of the per-thread buffer of short-range vote weights (256 KiB).
 constexpr int64_t kWeightBand = 1 << 16;
 
+// x86-64 with GCC: a default and an AVX2 version of the function, picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DEEPERLAB_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DEEPERLAB_CLONES
+#endif
+
 // Splats `weight` at the T points (y, x) = pts[t * stride], pts[t * stride + 1] into one
 // H x W plane (+=), with the tap arithmetic of the Hough-voting kernels.
-void splat_points_plane(
+DEEPERLAB_CLONES void splat_points_plane(
     const float* pts, int64_t stride, int64_t T, float weight, float* out, int64_t H, int64_t W) {
   const float lim_y = static_cast<float>(H);
   const float lim_x = static_cast<float>(W);
@@ -199,8 +214,9 @@ void splat_points_plane(
 // Pixels per block of the refinement.
 constexpr int64_t kRefineBlock = 256;
 
-// Lanes of pass (a) of refine_block (one 16-byte vector of floats).
-constexpr int64_t kLanes = 4;
+// Lanes of pass (a) of refine_block (one 32-byte vector of floats: two SSE registers, one AVX2
+// register in refine_block's AVX2 clone).
+constexpr int64_t kLanes = 8;
 
 // Pass (a) of refine_block for lanes [0, n) (n a multiple of kLanes): the sample position
 // (py, px) = (yq + ly, xq + lx); ok = py, px in (-1, size) (NaN and +-inf fail); (vy, vx) =
@@ -212,37 +228,39 @@ inline void refine_positions(
     float lim_x, int32_t H, int32_t W, float* w00, float* w01, float* w10, float* w11,
     int32_t* y0s, int32_t* x0s, int32_t* m00, int32_t* m01, int32_t* m10, int32_t* m11) {
 #if defined(__GNUC__)
-  typedef float v4f __attribute__((vector_size(16)));
-  typedef int32_t v4i __attribute__((vector_size(16)));
-  const v4f zero = {0.f, 0.f, 0.f, 0.f}, one = {1.f, 1.f, 1.f, 1.f};
-  const v4f minus1 = {-1.f, -1.f, -1.f, -1.f};
-  const v4f ly_lim = {lim_y, lim_y, lim_y, lim_y}, lx_lim = {lim_x, lim_x, lim_x, lim_x};
-  const v4i zi = {0, 0, 0, 0};
-  const v4i hm1 = {H - 1, H - 1, H - 1, H - 1};
-  const v4i wm1 = {W - 1, W - 1, W - 1, W - 1};
+  typedef float v8f __attribute__((vector_size(32)));
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8f zero = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const v8f one = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+  const v8f minus1 = {-1.f, -1.f, -1.f, -1.f, -1.f, -1.f, -1.f, -1.f};
+  const v8f ly_lim = {lim_y, lim_y, lim_y, lim_y, lim_y, lim_y, lim_y, lim_y};
+  const v8f lx_lim = {lim_x, lim_x, lim_x, lim_x, lim_x, lim_x, lim_x, lim_x};
+  const v8i zi = {0, 0, 0, 0, 0, 0, 0, 0};
+  const v8i hm1 = {H - 1, H - 1, H - 1, H - 1, H - 1, H - 1, H - 1, H - 1};
+  const v8i wm1 = {W - 1, W - 1, W - 1, W - 1, W - 1, W - 1, W - 1, W - 1};
   for (int64_t i = 0; i < n; i += kLanes) {
-    v4f a, b, c, d;
+    v8f a, b, c, d;
     std::memcpy(&a, yq + i, sizeof(a));
     std::memcpy(&b, ly + i, sizeof(b));
     std::memcpy(&c, xq + i, sizeof(c));
     std::memcpy(&d, lx + i, sizeof(d));
-    const v4f py = a + b;
-    const v4f px = c + d;
-    const v4i ok = (py > minus1) & (py < ly_lim) & (px > minus1) & (px < lx_lim);
-    const v4f vy = ok ? py : zero;
-    const v4f vx = ok ? px : zero;
-    const v4i ty = __builtin_convertvector(vy, v4i);  // truncation
-    const v4i tx = __builtin_convertvector(vx, v4i);
-    const v4i y0 = ty + (vy < __builtin_convertvector(ty, v4f));  // true = -1
-    const v4i x0 = tx + (vx < __builtin_convertvector(tx, v4f));
-    const v4f wy1 = vy - __builtin_convertvector(y0, v4f);
-    const v4f wx1 = vx - __builtin_convertvector(x0, v4f);
-    const v4f wy0 = one - wy1;
-    const v4f wx0 = one - wx1;
-    const v4f r00 = wy0 * wx0, r01 = wy0 * wx1, r10 = wy1 * wx0, r11 = wy1 * wx1;
-    const v4i oky0 = ok & (y0 >= zi), oky1 = ok & (y0 < hm1);  // y0 + 1 < H
-    const v4i okx0 = x0 >= zi, okx1 = x0 < wm1;
-    const v4i q00 = oky0 & okx0, q01 = oky0 & okx1, q10 = oky1 & okx0, q11 = oky1 & okx1;
+    const v8f py = a + b;
+    const v8f px = c + d;
+    const v8i ok = (py > minus1) & (py < ly_lim) & (px > minus1) & (px < lx_lim);
+    const v8f vy = ok ? py : zero;
+    const v8f vx = ok ? px : zero;
+    const v8i ty = __builtin_convertvector(vy, v8i);  // truncation
+    const v8i tx = __builtin_convertvector(vx, v8i);
+    const v8i y0 = ty + (vy < __builtin_convertvector(ty, v8f));  // true = -1
+    const v8i x0 = tx + (vx < __builtin_convertvector(tx, v8f));
+    const v8f wy1 = vy - __builtin_convertvector(y0, v8f);
+    const v8f wx1 = vx - __builtin_convertvector(x0, v8f);
+    const v8f wy0 = one - wy1;
+    const v8f wx0 = one - wx1;
+    const v8f r00 = wy0 * wx0, r01 = wy0 * wx1, r10 = wy1 * wx0, r11 = wy1 * wx1;
+    const v8i oky0 = ok & (y0 >= zi), oky1 = ok & (y0 < hm1);  // y0 + 1 < H
+    const v8i okx0 = x0 >= zi, okx1 = x0 < wm1;
+    const v8i q00 = oky0 & okx0, q01 = oky0 & okx1, q10 = oky1 & okx0, q11 = oky1 & okx1;
     std::memcpy(w00 + i, &r00, sizeof(r00));
     std::memcpy(w01 + i, &r01, sizeof(r01));
     std::memcpy(w10 + i, &r10, sizeof(r10));
@@ -293,7 +311,7 @@ inline void refine_positions(
 // three passes over the block per type and step so that two of them vectorize: (a) sample
 // positions, tap weights and in-plane masks (refine_positions, explicit vectors), (b) gathering
 // the 8 tap values (scalar loads from clamped indices), (c) masked weighted sums.
-void refine_block(
+DEEPERLAB_CLONES void refine_block(
     const float* lp,
     const float* sp,
     const int64_t* pix,
@@ -333,7 +351,7 @@ void refine_block(
       lx[i] = Lx[pix[i]];
     }
     for (int64_t s = 0; s < steps; ++s) {
-      // (a) positions -> floor, weights, masks (NaN / inf / far positions: no tap), 4 lanes
+      // (a) positions -> floor, weights, masks (NaN / inf / far positions: no tap), 8 lanes
       // at a time (GCC vector extensions: the compiler leaves the scalar loop unvectorized)
       refine_positions(
           yq, xq, ly, lx, len_v, lim_y, lim_x, static_cast<int32_t>(H), static_cast<int32_t>(W),
@@ -372,6 +390,132 @@ void refine_block(
     for (int64_t i = 0; i < len; ++i) {
       kp[(i * P + k) * 2] = yq[i] + ly[i];
       kp[(i * P + k) * 2 + 1] = xq[i] + lx[i];
+    }
+  }
+}
+
+// The logits below which no pixel can vote: sigmoid(l) < min_vote_prob (up to a few ulp of any
+// float32 sigmoid) for every l < vote_screen(min_vote_prob), which is logit(min_vote_prob) less
+// a margin of 0.05 (p changes by a relative (1 - p) * 0.05 >= 5e-4 over it, far more than the
+// sigmoid's rounding); -inf (every pixel is screened in) outside [1e-6, 0.99].
+inline float vote_screen(double min_vote_prob) {
+  if (!(min_vote_prob >= 1e-6 && min_vote_prob <= 0.99)) {
+    return -std::numeric_limits<float>::infinity();
+  }
+  const double logit = std::log(min_vote_prob / (1.0 - min_vote_prob)) - 0.05;
+  return std::nextafter(static_cast<float>(logit), -std::numeric_limits<float>::infinity());
+}
+
+// Per-thread buffers of short_votes_plane (one band of rows).
+struct ShortVoteBuffers {
+  at::Tensor logits, probs;        // [band * W + kScreenChunk] float32
+  std::vector<int32_t> xs;         // column of each screened-in pixel
+  std::vector<int64_t> row_end;    // per row of the band: end of its pixels in xs
+};
+
+// Pixels per chunk of the screening pass.
+constexpr int64_t kScreenChunk = 16;
+
+// The short-range votes of one type into `plane` (+=): every pixel whose probability
+// p = sigmoid(logit) is >= min_vote_prob (p > below; NaN p casts nothing) casts p at
+// q + (dy, dx)(q), in row-major order, with the tap arithmetic of vote_rows (scale 1). A band
+// of rows at a time: (a) the pixels with logit >= screen (or NaN) are listed with their logits
+// (all of them when the threshold is not screened), (b) ATen's vectorized sigmoid of the listed
+// logits (the reference's float32 probabilities), (c) their votes. Pixels left out have p = 0
+// in the reference (logit < screen); they cast nothing there either. Compiled for AVX2 too
+// (picked at load time where the CPU has it): the set_tap loop then runs 8 lanes wide, the
+// same IEEE float32 operations (-ffp-contract=off: no FMA), bit-equal results.
+DEEPERLAB_CLONES void short_votes_plane(
+    const float* heat,
+    const float* dy,
+    const float* dx,
+    int64_t H,
+    int64_t W,
+    int64_t band,
+    float screen,
+    float below,
+    float* plane,
+    ShortVoteBuffers& buf) {
+  const int64_t rows = std::min(band, H);
+  const int64_t cap = rows * W + kScreenChunk;
+  if (!buf.logits.defined() || buf.logits.numel() < cap) {
+    buf.logits = at::empty({cap}, at::kFloat);
+    buf.probs = at::empty({cap}, at::kFloat);
+    buf.xs.assign(static_cast<size_t>(cap), 0);
+    buf.row_end.assign(static_cast<size_t>(rows), 0);
+  }
+  float* lg = buf.logits.data_ptr<float>();
+  const float* pb = buf.probs.data_ptr<float>();
+  int32_t* xs = buf.xs.data();
+  int64_t* row_end = buf.row_end.data();
+  const float lim_y = static_cast<float>(H);
+  const float lim_x = static_cast<float>(W);
+  TapBlock block;
+  for (int64_t r0 = 0; r0 < H; r0 += band) {
+    const int64_t r1 = std::min(H, r0 + band);
+    // (a) screening
+    int64_t n = 0;
+    for (int64_t y = r0; y < r1; ++y) {
+      const float* row = heat + y * W;
+      int64_t x0 = 0;
+      for (; x0 + kScreenChunk <= W; x0 += kScreenChunk) {
+        int32_t in = 0;
+        for (int64_t i = 0; i < kScreenChunk; ++i) {
+          in += !(row[x0 + i] < screen);
+        }
+        if (in == kScreenChunk) {
+          std::memcpy(lg + n, row + x0, kScreenChunk * sizeof(float));
+          for (int64_t i = 0; i < kScreenChunk; ++i) {
+            xs[n + i] = static_cast<int32_t>(x0 + i);
+          }
+          n += kScreenChunk;
+        } else if (in > 0) {
+          for (int64_t i = 0; i < kScreenChunk; ++i) {
+            const float v = row[x0 + i];
+            lg[n] = v;
+            xs[n] = static_cast<int32_t>(x0 + i);
+            n += !(v < screen);
+          }
+        }
+      }
+      for (; x0 < W; ++x0) {
+        const float v = row[x0];
+        lg[n] = v;
+        xs[n] = static_cast<int32_t>(x0);
+        n += !(v < screen);
+      }
+      row_end[y - r0] = n;
+    }
+    if (n == 0) {
+      continue;
+    }
+    // (b) probabilities
+    at::Tensor p = buf.probs.narrow(0, 0, n);
+    at::sigmoid_out(p, buf.logits.narrow(0, 0, n));
+    // (c) votes (threshold as torch.threshold_: p <= below -> 0, which casts nothing)
+    // gathered first, so that the set_tap loop vectorizes as vote_rows' does
+    alignas(64) float gy[kTapBlock], gx[kTapBlock], gw[kTapBlock];
+    int64_t j = 0;
+    for (int64_t y = r0; y < r1; ++y) {
+      const float fy = static_cast<float>(y);
+      const float* dyr = dy + y * W;
+      const float* dxr = dx + y * W;
+      const int64_t end = row_end[y - r0];
+      while (j < end) {
+        const int64_t len = std::min(kTapBlock, end - j);
+        for (int64_t i = 0; i < len; ++i) {
+          const int32_t x = xs[j + i];
+          const float w = pb[j + i];
+          gy[i] = fy + dyr[x];
+          gx[i] = static_cast<float>(x) + dxr[x];
+          gw[i] = w <= below ? 0.f : w;
+        }
+        for (int64_t i = 0; i < len; ++i) {
+          set_tap(block, i, gy[i], gx[i], gw[i], lim_y, lim_x);
+        }
+        scatter_taps(block, len, plane, H, W);
+        j += len;
+      }
     }
   }
 }
@@ -456,38 +600,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
   // 2. votes: 2P tasks (the short-range votes of type k into short[k], its long-range votes
   // into fused[k]), taken from a shared counter by the threads (the tasks differ in cost: a
   // static split of the types would leave one thread idle); each plane is written by one task,
-  // its cells summed in a fixed order. Short-range weights: the probabilities, 0 below
-  // min_vote_prob, computed a band of rows at a time into a buffer of the thread (ATen's
-  // vectorized sigmoid and threshold, as the reference; no full-size temporary).
+  // its cells summed in a fixed order (short_votes_plane).
   const float below = std::nextafter(
       static_cast<float>(min_vote_prob), -std::numeric_limits<float>::infinity());
+  const float screen = vote_screen(min_vote_prob);
   const float fnorm = static_cast<float>(norm);
   const float fws = static_cast<float>(short_weight);
   const float flong = static_cast<float>(long_weight * norm);
+  const float* hp = heat.data_ptr<float>();
   const int64_t band = std::max<int64_t>(1, kWeightBand / std::max<int64_t>(W, 1));
   const int64_t num_tasks = with_long ? 2 * P : P;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    at::Tensor weights;
+    ShortVoteBuffers buffers;
     for (int64_t task = next++; task < num_tasks; task = next++) {
       const int64_t k = task % P;
       if (task < P) {  // short-range votes (the costlier tasks first)
         float* plane = shp + k * HW;
         std::fill(plane, plane + HW, 0.f);
-        if (!weights.defined()) {
-          weights = at::empty({std::min(band, H), W}, heat.options());
-        }
-        float* wp = weights.data_ptr<float>();
-        for (int64_t r0 = 0; r0 < H; r0 += band) {
-          const int64_t r1 = std::min(H, r0 + band);
-          at::Tensor w = weights.narrow(0, 0, r1 - r0);
-          at::sigmoid_out(w, heat.select(0, k).narrow(0, r0, r1 - r0));
-          at::threshold_(w, below, 0.0);
-          // vote_rows reads rows [r0, r1) of the weights through a pointer shifted back by r0
-          vote_rows(
-              sp + (2 * k) * HW, sp + (2 * k + 1) * HW, wp - r0 * W, W, r0, r1, plane, H, W,
-              1.f);
-        }
+        short_votes_plane(
+            hp + k * HW, sp + (2 * k) * HW, sp + (2 * k + 1) * HW, H, W, band, screen, below,
+            plane, buffers);
       } else {  // long-range votes
         float* plane = fp + k * HW;
         std::fill(plane, plane + HW, 0.f);
@@ -517,19 +650,19 @@ constexpr int64_t kAssignLanes = 16;
 // a register: the compiler unrolls the plain loop instead of vectorizing it).
 inline void lane_distances(const float* a, const float* b, int64_t stride, int64_t D, float* d) {
 #if defined(__GNUC__)
-  typedef float v4f __attribute__((vector_size(16)));
-  constexpr int64_t kVecs = kAssignLanes / 4;
-  v4f acc[kVecs];
+  typedef float v8f __attribute__((vector_size(32)));
+  constexpr int64_t kVecs = kAssignLanes / 8;
+  v8f acc[kVecs];
   for (int64_t q = 0; q < kVecs; ++q) {
-    acc[q] = v4f{0.f, 0.f, 0.f, 0.f};
+    acc[q] = v8f{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   }
   for (int64_t c = 0; c < D; ++c) {
-    const v4f ac = v4f{a[c], a[c], a[c], a[c]};
+    const v8f ac = v8f{a[c], a[c], a[c], a[c], a[c], a[c], a[c], a[c]};
     const float* bc = b + c * stride;
     for (int64_t q = 0; q < kVecs; ++q) {
-      v4f bv;
-      std::memcpy(&bv, bc + 4 * q, sizeof(bv));
-      const v4f e = ac - bv;
+      v8f bv;
+      std::memcpy(&bv, bc + 8 * q, sizeof(bv));
+      const v8f e = ac - bv;
       acc[q] = acc[q] + e * e;
     }
   }
@@ -545,6 +678,31 @@ inline void lane_distances(const float* a, const float* b, int64_t stride, int64
     }
   }
 #endif
+}
+
+// The nearest instance of pixels [t0, t1) into op (see assign_pixels_cpu); AVX2 clone too.
+DEEPERLAB_CLONES void assign_range(
+    const float* a, const float* b, const int64_t* pix, int64_t t0, int64_t t1, int64_t D,
+    int64_t Jp, int64_t* op) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* at_ = a + t * D;
+    float best = std::numeric_limits<float>::infinity();
+    int64_t idx = 0;
+    for (int64_t j0 = 0; j0 < Jp; j0 += kAssignLanes) {
+      // d_j = sum over the coordinates c, in order, of (a_c - b_jc)^2, from 0 (kAssignLanes
+      // instances at a time, in registers)
+      float d[kAssignLanes];
+      lane_distances(at_, b + j0, Jp, D, d);
+      // the first instance at the smallest distance (NaN never wins; 0 if none is finite)
+      for (int64_t l = 0; l < kAssignLanes; ++l) {
+        if (d[l] < best) {
+          best = d[l];
+          idx = j0 + l;
+        }
+      }
+    }
+    op[pix[t]] = idx;
+  }
 }
 
 at::Tensor assign_pixels_cpu(
@@ -601,25 +759,7 @@ at::Tensor assign_pixels_cpu(
   }
   const float* a = pk.data_ptr<float>();
   at::parallel_for(0, T, 2048, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* at_ = a + t * D;
-      float best = std::numeric_limits<float>::infinity();
-      int64_t idx = 0;
-      for (int64_t j0 = 0; j0 < Jp; j0 += kAssignLanes) {
-        // d_j = sum over the coordinates c, in order, of (a_c - b_jc)^2, from 0 (kAssignLanes
-        // instances at a time, in registers)
-        float d[kAssignLanes];
-        lane_distances(at_, b.data() + j0, Jp, D, d);
-        // the first instance at the smallest distance (NaN never wins; 0 if none is finite)
-        for (int64_t l = 0; l < kAssignLanes; ++l) {
-          if (d[l] < best) {
-            best = d[l];
-            idx = j0 + l;
-          }
-        }
-      }
-      op[pix[t]] = idx;
-    }
+    assign_range(a, b.data(), pix, t0, t1, D, Jp, op);
   });
   return out;
 }
