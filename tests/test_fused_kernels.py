@@ -378,6 +378,28 @@ def test_assign_pixels_kernel_values_by_hand_and_far_from_origin():
 
 
 @needs_assign
+def test_assign_pixels_kernel_seeded_search_ties_and_nan_instances():
+    """The kernel starts each pixel from the previous pixel's winner and skips instances whose
+    first keypoint is already farther: a tie with an earlier instance still goes to the earlier
+    one, and a first instance with a NaN keypoint (a NaN start) falls back to the full scan."""
+    line = torch.zeros(5, 2)
+    inst = torch.stack([line, line + 5.0, line + 2.0])  # keypoints at 0, 5 and 2 (y and x)
+    # pixel 0: nearest instance 2 (at 2.5); pixel 1 (at 1): equidistant from 0 and 2, and
+    # starts from instance 2; pixel 2 (at 4.5): instance 1, its first keypoint alone is far
+    # from instance 2's, but its whole distance decides
+    pk = torch.stack([line + 2.5, line + 1.0, line + 4.5])
+    pixels = torch.tensor([0, 1, 2])
+    got = pp.pixel_instance_map(pk, pixels, inst, (1, 3), use_compiled=True)
+    assert got.tolist() == [[2, 0, 1]]
+    assert torch.equal(got, pp.pixel_instance_map(pk, pixels, inst, (1, 3), use_compiled=False))
+    # instance 0 has a NaN keypoint: the first pixel starts from it (NaN), never assigned to it
+    inst[0, 3, 1] = NAN
+    got = pp.pixel_instance_map(pk, pixels, inst, (1, 3), use_compiled=True)
+    assert got.tolist() == [[2, 2, 1]]
+    assert torch.equal(got, pp.pixel_instance_map(pk, pixels, inst, (1, 3), use_compiled=False))
+
+
+@needs_assign
 def test_assign_pixels_kernel_edge_cases_and_errors():
     pk, pixels, inst = _assign_inputs(0, T=10, J=3, H=4, W=5)
     for args in [(pk[:0], pixels[:0], inst), (pk, pixels, inst[:0])]:

@@ -680,28 +680,72 @@ inline void lane_distances(const float* a, const float* b, int64_t stride, int64
 #endif
 }
 
+// d = sum over the coordinates c in [c0, c1), in order, of (a[c] - b[c * stride])^2, added to
+// `from` (each operation rounded on its own: lane_distances' arithmetic for one instance).
+inline float partial_distance(
+    const float* a, const float* b, int64_t stride, int64_t c0, int64_t c1, float from) {
+  float d = from;
+  for (int64_t c = c0; c < c1; ++c) {
+    const float e = a[c] - b[c * stride];
+    d = d + e * e;
+  }
+  return d;
+}
+
 // The nearest instance of pixels [t0, t1) into op (see assign_pixels_cpu); AVX2 clone too.
+// Neighbouring pixels mostly share their nearest instance, so each pixel first takes the
+// previous pixel's winner w (its whole distance d_w), then, 16 instances at a time, the
+// distances of its first keypoint only (the first two coordinates: the prefix of every
+// instance's sum, the same float operations). A float sum of squares never decreases as terms
+// are added, so an instance whose prefix is > d_w ends above d_w and can neither win nor tie:
+// only the instances with prefix <= d_w are summed to the end, and the winner (the first at the
+// smallest distance; NaN never wins) is the one of the full scan, bit for bit. Where d_w is not
+// finite (or D < 4) the pixel takes the full scan.
 DEEPERLAB_CLONES void assign_range(
     const float* a, const float* b, const int64_t* pix, int64_t t0, int64_t t1, int64_t D,
-    int64_t Jp, int64_t* op) {
+    int64_t J, int64_t Jp, int64_t* op) {
+  int64_t prev = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const float* at_ = a + t * D;
     float best = std::numeric_limits<float>::infinity();
     int64_t idx = 0;
-    for (int64_t j0 = 0; j0 < Jp; j0 += kAssignLanes) {
-      // d_j = sum over the coordinates c, in order, of (a_c - b_jc)^2, from 0 (kAssignLanes
-      // instances at a time, in registers)
-      float d[kAssignLanes];
-      lane_distances(at_, b + j0, Jp, D, d);
-      // the first instance at the smallest distance (NaN never wins; 0 if none is finite)
-      for (int64_t l = 0; l < kAssignLanes; ++l) {
-        if (d[l] < best) {
-          best = d[l];
-          idx = j0 + l;
+    const float seed = D >= 4 ? partial_distance(at_, b + prev, Jp, 0, D, 0.f)
+                              : std::numeric_limits<float>::quiet_NaN();
+    if (seed <= std::numeric_limits<float>::max()) {  // finite (NaN fails)
+      best = seed;
+      idx = prev;
+      for (int64_t j0 = 0; j0 < Jp; j0 += kAssignLanes) {
+        float d[kAssignLanes];
+        lane_distances(at_, b + j0, Jp, 2, d);  // prefixes (NaN lanes: padding, never kept)
+        for (int64_t l = 0; l < kAssignLanes; ++l) {
+          const int64_t j = j0 + l;
+          if (!(d[l] <= best) || j == prev) {
+            continue;
+          }
+          const float full = partial_distance(at_, b + j, Jp, 2, D, d[l]);
+          if (full < best || (full == best && j < idx)) {
+            best = full;
+            idx = j;
+          }
+        }
+      }
+    } else {
+      for (int64_t j0 = 0; j0 < Jp; j0 += kAssignLanes) {
+        // d_j = sum over the coordinates c, in order, of (a_c - b_jc)^2, from 0 (kAssignLanes
+        // instances at a time, in registers)
+        float d[kAssignLanes];
+        lane_distances(at_, b + j0, Jp, D, d);
+        // the first instance at the smallest distance (NaN never wins; 0 if none is finite)
+        for (int64_t l = 0; l < kAssignLanes; ++l) {
+          if (d[l] < best) {
+            best = d[l];
+            idx = j0 + l;
+          }
         }
       }
     }
     op[pix[t]] = idx;
+    prev = idx < J ? idx : 0;
   }
 }
 
@@ -759,7 +803,7 @@ at::Tensor assign_pixels_cpu(
   }
   const float* a = pk.data_ptr<float>();
   at::parallel_for(0, T, 2048, [&](int64_t t0, int64_t t1) {
-    assign_range(a, b.data(), pix, t0, t1, D, Jp, op);
+    assign_range(a, b.data(), pix, t0, t1, D, J, Jp, op);
   });
   return out;
 }
