@@ -87,6 +87,10 @@ def add_deeperlab_config(cfg):
     # Bootstrapped CE keeps the TOP_K_RATIO hardest valid pixels of each image.
     _C.MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO = 0.15
     _C.MODEL.DEEPERLAB.LOSS.HEATMAP_WEIGHT = 1.0
+    # Focal modulation (1 - p_t)^gamma of the heatmap's sigmoid CE (Lin et al. 2017): 0 = the
+    # paper's plain sigmoid CE; > 0 weighs the hard pixels (the sparse disks) up, the easy
+    # background down.
+    _C.MODEL.DEEPERLAB.LOSS.HEATMAP_FOCAL_GAMMA = 0.0
     _C.MODEL.DEEPERLAB.LOSS.SHORT_OFFSET_WEIGHT = 1.0
     _C.MODEL.DEEPERLAB.LOSS.MID_OFFSET_WEIGHT = 0.25
     _C.MODEL.DEEPERLAB.LOSS.LONG_OFFSET_WEIGHT = 0.1
@@ -214,6 +218,7 @@ def check_deeperlab_config(cfg):
         "MODEL.DEEPERLAB.LOSS.SEM_SEG_WEIGHT": non_negative,
         "MODEL.DEEPERLAB.LOSS.SEM_SEG_TOP_K_RATIO": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
         "MODEL.DEEPERLAB.LOSS.HEATMAP_WEIGHT": non_negative,
+        "MODEL.DEEPERLAB.LOSS.HEATMAP_FOCAL_GAMMA": non_negative,
         "MODEL.DEEPERLAB.LOSS.SHORT_OFFSET_WEIGHT": non_negative,
         "MODEL.DEEPERLAB.LOSS.MID_OFFSET_WEIGHT": non_negative,
         "MODEL.DEEPERLAB.LOSS.LONG_OFFSET_WEIGHT": non_negative,

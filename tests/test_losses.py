@@ -80,6 +80,24 @@ def test_sigmoid_ce_respects_weights():
     )
 
 
+def test_sigmoid_ce_focal_factor_by_hand():
+    # p = sigmoid(0) = 0.5 on a positive: factor 0.5^2; p = sigmoid(2) on a negative: p_t = 1 - p
+    logits = torch.tensor([[[[0.0, 2.0]]]])
+    targets = torch.tensor([[[[1.0, 0.0]]]])
+    w = torch.tensor([[[1.0, 1.0]]])
+    p = 1 / (1 + math.exp(-2))
+    expected = (0.25 * math.log(2) + p**2 * math.log(1 + math.exp(2))) / 2
+    got = weighted_sigmoid_cross_entropy(logits, targets, w, focal_gamma=2.0)
+    torch.testing.assert_close(got, torch.tensor(expected))
+    # gamma 0 is the plain CE; confident right pixels weigh almost nothing with gamma > 0
+    plain = weighted_sigmoid_cross_entropy(logits, targets, w)
+    torch.testing.assert_close(weighted_sigmoid_cross_entropy(logits, targets, w, 0.0), plain)
+    easy = torch.tensor([[[[8.0, -8.0]]]])
+    assert weighted_sigmoid_cross_entropy(easy, targets, w, 2.0) < 1e-3 * float(
+        weighted_sigmoid_cross_entropy(easy, targets, w)
+    )
+
+
 def test_masked_l1():
     pred = torch.zeros(1, 2, 2, 1, 3)
     target = torch.zeros(1, 2, 2, 1, 3)

@@ -181,6 +181,7 @@ class KeypointBranch(InstanceBranch):
         long_offset_loss_weight: float,
         post_process: PostProcessConfig,
         heatmap_prior: float = 0.01,
+        heatmap_focal_gamma: float = 0.0,
     ):
         """
         Args:
@@ -191,6 +192,7 @@ class KeypointBranch(InstanceBranch):
             *_loss_weight: loss weights.
             post_process: thresholds of the inference.
             heatmap_prior: initial heatmap probability (bias of the last conv).
+            heatmap_focal_gamma: focal exponent of the heatmap's sigmoid CE (0 = plain).
         """
         super().__init__()
         prior = float(torch.logit(torch.tensor(heatmap_prior)))
@@ -204,6 +206,7 @@ class KeypointBranch(InstanceBranch):
         self.mid_offsets = head(2 * NUM_EDGES)
         self.offset_normalizer = offset_normalizer
         self.heatmap_loss_weight = heatmap_loss_weight
+        self.heatmap_focal_gamma = heatmap_focal_gamma
         self.short_offset_loss_weight = short_offset_loss_weight
         self.mid_offset_loss_weight = mid_offset_loss_weight
         self.long_offset_loss_weight = long_offset_loss_weight
@@ -219,6 +222,7 @@ class KeypointBranch(InstanceBranch):
             "norm": c.NORM,
             "offset_normalizer": c.LOSS.OFFSET_NORMALIZER,
             "heatmap_loss_weight": c.LOSS.HEATMAP_WEIGHT,
+            "heatmap_focal_gamma": c.LOSS.HEATMAP_FOCAL_GAMMA,
             "short_offset_loss_weight": c.LOSS.SHORT_OFFSET_WEIGHT,
             "mid_offset_loss_weight": c.LOSS.MID_OFFSET_WEIGHT,
             "long_offset_loss_weight": c.LOSS.LONG_OFFSET_WEIGHT,
@@ -267,7 +271,10 @@ class KeypointBranch(InstanceBranch):
         return {
             "loss_heatmap": self.heatmap_loss_weight
             * weighted_sigmoid_cross_entropy(
-                outputs["heatmap"], targets["heatmap"], targets["heatmap_weights"]
+                outputs["heatmap"],
+                targets["heatmap"],
+                targets["heatmap_weights"],
+                self.heatmap_focal_gamma,
             ),
             "loss_short_offset": self.short_offset_loss_weight
             * masked_l1_loss(outputs["short_offsets"], targets["short_offsets"], heat_mask, norm),

@@ -48,21 +48,32 @@ def weighted_bootstrapped_cross_entropy(
 
 
 def weighted_sigmoid_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Sigmoid CE averaged over weighted pixels.
+    """Sigmoid CE averaged over weighted pixels, optionally focal.
 
     Args:
         logits: float [B, P, H, W].
         targets: float [B, P, H, W] in [0, 1].
         weights: float [B, H, W] (shared by all channels) or [B, P, H, W].
+        focal_gamma: each pixel's CE is multiplied by ``(1 - p_t)^focal_gamma``, ``p_t`` the
+            probability given to its target (``p t + (1 - p)(1 - t)``, Lin et al.'s focal
+            loss without the alpha balance); 0 = plain sigmoid CE.
 
     Returns:
-        ``sum(w * bce) / sum(w)`` over all channels (0 if all weights are 0).
+        ``sum(w * m * bce) / sum(w)`` over all channels, ``m`` the focal factor (1 for gamma 0;
+        0 if all weights are 0).
     """
     if weights.dim() == 3:
         weights = weights[:, None].expand_as(logits)
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if focal_gamma > 0:
+        p = torch.sigmoid(logits)
+        p_t = p * targets + (1 - p) * (1 - targets)
+        bce = bce * (1 - p_t).pow(focal_gamma)
     return (bce * weights).sum() / weights.sum().clamp(min=1.0)
 
 
