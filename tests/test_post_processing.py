@@ -325,6 +325,41 @@ def test_support_scores_independent_of_area_and_crowd():
     assert s[0] > 0.999 and s[1] > 0.98 and spread[0] == 0 and abs(float(spread[1]) - 0.3) < 1e-5
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_support_scores_of_several_types_in_one_call_equal_one_call_per_type(seed):
+    """Hypotheses of several keypoint types scored in one call (``types``) get, value for value,
+    what one call per type on its own map gives: crowds of one type split cells, other types
+    at the same places do not; shared cells (hypotheses < 1/2 px apart), hypotheses outside the
+    image, a type without hypotheses."""
+    from deeperlab_d2.layers.post_processing import cell_areas, support_scores
+
+    g = torch.Generator().manual_seed(seed)
+    P, H, W, R, sigma = 4, 37, 53, 5.0, 1.5
+    maps = torch.rand(P, H, W, generator=g) * 0.02
+    M = 60
+    types = torch.randint(0, P - 1, (M,), generator=g)  # type P - 1 has none
+    ys = torch.rand(M, generator=g) * (H + 6) - 3
+    xs = torch.rand(M, generator=g) * (W + 6) - 3
+    ys[5], xs[5] = ys[4] + 0.2, xs[4]  # a shared cell if the types agree
+    types[5] = types[4]
+    ys[7], xs[7] = ys[6], xs[6]  # same place, another type: cells not shared
+    types[7] = (types[6] + 1) % (P - 1)
+    scores, spread = support_scores(maps, ys, xs, R, sigma, True, types)
+    for t in range(P):
+        sel = types == t
+        if not sel.any():
+            continue
+        s, sp = support_scores(maps[t], ys[sel], xs[sel], R, sigma, True)
+        assert torch.equal(scores[sel], s), t
+        assert torch.equal(spread[sel], sp), t
+    centers = torch.stack([ys, xs], 1).double()[:20]
+    areas = cell_areas(centers, R, (H, W), types[:20])
+    for t in range(P):
+        sel = types[:20] == t
+        if sel.any():
+            assert torch.equal(areas[sel], cell_areas(centers[sel], R, (H, W))), t
+
+
 def test_rejection_radii_scale_with_the_instance():
     from deeperlab_d2.layers.post_processing import rejection_radii
 

@@ -568,6 +568,15 @@ def _expected_oks_typed(
     return (vals * kernel).flatten(1).sum(1)
 
 
+def _distances(pos: torch.Tensor, types: Optional[torch.Tensor]) -> torch.Tensor:
+    """[M, M] Euclidean distances between the rows of ``pos`` (the same direct computation
+    whatever M: no ``|a|^2 - 2 a.b + |b|^2`` expansion), ``inf`` between different ``types``."""
+    dist = torch.cdist(pos, pos, compute_mode="donot_use_mm_for_euclid_dist")
+    if types is not None:
+        dist.masked_fill_(types[:, None] != types[None], math.inf)
+    return dist
+
+
 def support_scores(
     short_map: torch.Tensor,
     ys: torch.Tensor,
@@ -575,6 +584,7 @@ def support_scores(
     radius: float,
     sigma: float,
     return_spread: bool = False,
+    types: Optional[torch.Tensor] = None,
 ):
     """How well the short-range votes support keypoint hypotheses of one type: a score in
     [0, 1] that does not grow with the instance's area nor shrink in a crowd.
@@ -593,31 +603,40 @@ def support_scores(
     most 1): nothing is clipped. (A cell smaller than the votes it receives, when a spurious
     hypothesis splits a keypoint's votes, scores their concentration around ``p``.)
 
+    Hypotheses of several keypoint types are scored in one call with ``types``: each on its
+    type's map, cells split among hypotheses of the same type only; value for value what one
+    call per type gives.
+
     Args:
         short_map: [H, W] short-range map of one keypoint type (probability-weighted votes
-            divided by ``pi radius^2``, see :func:`hough_score_maps`).
+            divided by ``pi radius^2``, see :func:`hough_score_maps`); with ``types``, the
+            [P, H, W] maps of every type.
         ys, xs: [M] float positions of the hypotheses (all of them: they split the cells).
         radius: R, the disk radius of the targets (px).
         sigma: OKS kernel width (px).
         return_spread: also return the spread of the votes.
+        types: optional [M] int64 keypoint type of each hypothesis (an index into
+            ``short_map``'s first dimension).
 
     Returns:
         [M] scores in [0, 1]; with ``return_spread``, also [M] spreads: the root mean square
         distance (px) from each hypothesis of the votes in its cell within ``3 sigma`` (0
         without votes), its localization uncertainty.
     """
-    H, W = short_map.shape
+    H, W = short_map.shape[-2:]
     M = ys.numel()
     if M == 0:
         return (short_map.new_zeros(0),) * 2 if return_spread else short_map.new_zeros(0)
     device = short_map.device
+    maps = short_map.reshape(-1, H * W)
     pos = torch.stack([ys, xs], 1).double()
-    # hypotheses closer than 1/2 px form one group, represented by the first of them
-    rep = (torch.cdist(pos, pos) < SHARED_CELL).to(torch.uint8).argmax(1)
+    # hypotheses (of one type) closer than 1/2 px form one group, represented by the first
+    rep = (_distances(pos, types) < SHARED_CELL).to(torch.uint8).argmax(1)
     is_rep = rep == torch.arange(M, device=device)
     group = (torch.cumsum(is_rep, 0) - 1)[rep]
     centers = pos[is_rep]
-    capacity = cell_areas(centers, radius, (H, W))[group].to(short_map.dtype)
+    ctypes = None if types is None else types[is_rep]
+    capacity = cell_areas(centers, radius, (H, W), ctypes)[group].to(short_map.dtype)
 
     # vote mass within 3 sigma of each hypothesis, in its group's cell: a pixel is in the cell
     # of the group nearest to it (ties shared); the groups' windows cover every pixel within
@@ -630,19 +649,27 @@ def support_scores(
     gx = (torch.round(cx).long()[:, None] + d)[:, None, :].expand(-1, d.numel(), -1).flatten(1)
     inside = (gy >= 0) & (gy < H) & (gx >= 0) & (gx < W)  # [G, S]
     flat = gy.clamp(0, H - 1) * W + gx.clamp(0, W - 1)
+    if ctypes is not None:
+        flat = flat + ctypes[:, None] * (H * W)
     own = inside
-    # only groups with another one nearby contest pixels: nearest group of each pixel of their
-    # windows, on the bounding box of those windows
-    between = torch.cdist(centers, centers).fill_diagonal_(math.inf)
+    # only groups with another one (of their type) nearby contest pixels: nearest group of
+    # each pixel of their windows, on the bounding box of those windows (one per type)
+    between = _distances(centers, ctypes).fill_diagonal_(math.inf)
     contested = torch.nonzero((between < 2 * rho + 4).any(1)).flatten()
     if contested.numel():
         ky, kx = gy[contested].clamp(0, H - 1), gx[contested].clamp(0, W - 1)
         y0, x0 = int(ky.min()), int(kx.min())
-        bw = int(kx.max()) - x0 + 1
+        bh, bw = int(ky.max()) - y0 + 1, int(kx.max()) - x0 + 1
         local = (ky - y0) * bw + (kx - x0)
+        layers = 1
+        if ctypes is not None:
+            kt = ctypes[contested]
+            kt_min = int(kt.min())
+            layers = int(kt.max()) - kt_min + 1
+            local = local + (kt - kt_min)[:, None] * (bh * bw)
         dist = torch.hypot(ky - cy[contested, None], kx - cx[contested, None])
         ins = inside[contested]
-        nearest = dist.new_full(((int(ky.max()) - y0 + 1) * bw,), math.inf)
+        nearest = dist.new_full((layers * bh * bw,), math.inf)
         nearest.scatter_reduce_(0, local[ins], dist[ins], "amin")
         own = inside.clone()
         own[contested] = ins & (dist <= nearest[local] + 1e-3)
@@ -651,7 +678,7 @@ def support_scores(
         flat, own, qy, qx = flat[group], own[group], qy[group], qx[group]
     d2 = (qy - ys[:, None]) ** 2 + (qx - xs[:, None]) ** 2
     near = own & (d2 <= rho * rho)
-    mass = short_map.reshape(-1)[flat] * near
+    mass = maps.reshape(-1)[flat] * near
     oks_mass = (mass * torch.exp(-d2 / (2 * sigma**2))).sum(1)
     cells = capacity / (math.pi * radius * radius)  # in map units
     total = mass.sum(1)
@@ -661,7 +688,12 @@ def support_scores(
     return scores, ((mass * d2).sum(1) / total.clamp(min=1e-12)).sqrt()
 
 
-def cell_areas(centers: torch.Tensor, radius: float, size: Tuple[int, int]) -> torch.Tensor:
+def cell_areas(
+    centers: torch.Tensor,
+    radius: float,
+    size: Tuple[int, int],
+    types: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Number of pixels of each keypoint's cell: the pixels ``q`` of an ``H x W`` image with
     ``|q - c| <= radius`` and ``|q - c| <= |q - c'|`` for every other center ``c'`` (pixels on a
     bisector belong to both), counted row by row: in each row the cell is an interval, the disk's
@@ -670,8 +702,10 @@ def cell_areas(centers: torch.Tensor, radius: float, size: Tuple[int, int]) -> t
     the cell's extent) is redone with all neighbours closer than ``2 radius``.
 
     Args:
-        centers: [G, 2] (y, x), distinct.
+        centers: [G, 2] (y, x), distinct (among those of one type).
         radius: px; size: (H, W).
+        types: optional [G] int64: centers of different types never cut each other's cells
+            (the cells of several keypoint types in one call).
 
     Returns:
         [G] float64 pixel counts.
@@ -679,7 +713,7 @@ def cell_areas(centers: torch.Tensor, radius: float, size: Tuple[int, int]) -> t
     H, W = size
     centers = centers.double()
     G = centers.shape[0]
-    dist = torch.cdist(centers, centers)
+    dist = _distances(centers, types)
     dist.fill_diagonal_(float("inf"))
     k = min(16, G - 1)
     near_d, near = dist.topk(k, 1, largest=False) if k > 0 else (dist[:, :0], dist[:, :0].long())
@@ -811,13 +845,10 @@ def find_keypoints(
         sel = n_idx == n
         types, py, px = k_idx[sel], y_idx[sel], x_idx[sel]
         ys, xs = _subpixel(score_maps[n], types, py, px)
-        scores, spread = torch.zeros_like(ys), torch.zeros_like(ys)
-        for t in range(P):
-            sel = types == t
-            if sel.any():
-                scores[sel], spread[sel] = support_scores(
-                    short_maps[n, t], ys[sel], xs[sel], cfg.keypoint_radius, cfg.oks_sigma, True
-                )
+        # every type in one call (cells split among the candidates of a type)
+        scores, spread = support_scores(
+            short_maps[n], ys, xs, cfg.keypoint_radius, cfg.oks_sigma, True, types
+        )
         # every type in one batch (the values of expected_oks_scores on each type's map)
         mass = _expected_oks_typed(score_maps[n], types, ys, xs, cfg.oks_sigma)
         # candidates: supported by their own short-range votes (support score) or by the fused
@@ -1299,15 +1330,14 @@ def group_instances(
             break
     idx = torch.tensor(accepted, dtype=torch.long, device=proposals.device)
     kps = proposals[idx]
-    scores = torch.stack(
-        [
-            support_scores(
-                score_maps[k], kps[:, k, 0], kps[:, k, 1], cfg.keypoint_radius, cfg.oks_sigma
-            )
-            for k in range(NUM_KEYPOINTS)
-        ],
-        dim=1,
-    ).mean(1)
+    # every keypoint type in one call: [J * P] hypotheses, keypoint k of instance j at j * P + k
+    J = kps.shape[0]
+    types = torch.arange(NUM_KEYPOINTS, device=kps.device).repeat(J)
+    flat = kps.reshape(J * NUM_KEYPOINTS, 2)
+    scores = support_scores(
+        score_maps, flat[:, 0], flat[:, 1], cfg.keypoint_radius, cfg.oks_sigma, types=types
+    )
+    scores = scores.view(J, NUM_KEYPOINTS).mean(1)
     good = scores >= cfg.instance_score_threshold
     kps, scores = kps[good], scores[good]
     if kps.shape[0] == 0:
