@@ -328,7 +328,11 @@ def test_whole_inference_same_with_and_without_fused_kernels(monkeypatch):
     assert fast["instance_scores"].numel() > 0 and len(fast["segments_info"]) > 0
     assert torch.equal(fast["semantic"], slow["semantic"])
     assert torch.equal(fast["panoptic"], slow["panoptic"])
-    assert torch.equal(fast["instance_keypoints"], slow["instance_keypoints"])
+    # the keypoints are sub-pixel peaks of maps equal to float32 rounding (the sub-pixel fit
+    # divides differences of neighbouring cells: within a thousandth of a pixel)
+    torch.testing.assert_close(
+        fast["instance_keypoints"], slow["instance_keypoints"], rtol=0, atol=1e-3
+    )
     torch.testing.assert_close(fast["instance_scores"], slow["instance_scores"])
 
 

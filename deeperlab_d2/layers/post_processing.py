@@ -413,7 +413,8 @@ def keypoint_votes(
     False: never); otherwise, and on other devices, :func:`keypoint_votes_reference`, which
     composes :func:`refine_long_offsets` and the Hough-voting ops (on CUDA, their CUDA
     kernels). The two agree to float32 rounding (the sigmoid and the summation order of the
-    votes landing on one cell; the keypoints are bit-equal).
+    votes landing on one cell, the kernel scaling each vote's weight before the sum; the
+    keypoints are bit-equal).
 
     Args:
         heatmap_logits: [P, H, W]; short_offsets, long_offsets: [P, 2, H, W]; float32.

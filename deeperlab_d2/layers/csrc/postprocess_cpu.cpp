@@ -14,15 +14,17 @@
 //      keypoint type k: L = long_offsets[k, :, y, x], refined refine_steps times by
 //      L += S_k(q + L) (bilinear, zero outside the image, taps added in the order
 //      (0,0), (0,1), (1,0), (1,1)); keypoints[t, k] = q + L;
-//   2. (2P tasks shared by the threads: each type's short votes into short[k], its long votes
-//      into fused[k]) short votes: every pixel whose probability
-//      p = sigmoid(logit) is >= min_vote_prob casts p at q + S_k(q); long votes: every listed
-//      pixel casts 1 at keypoints[t, k]; both splatted with the Hough-voting tap arithmetic
-//      (voting_common.h). short = short_votes * norm,
-//      fused = long_votes * (long_weight * norm) + short * short_weight
-//      (fused = short * short_weight when long_weight <= 0).
-//   The same float32 operations as the reference, each rounded on its own (-ffp-contract=off);
-//   only the summation order of the taps on one cell may differ in the last bits. Logits far
+//   2. (2P tasks shared by the threads: each type's short votes into short[k], then its fused
+//      map) short votes: every pixel whose probability p = sigmoid(logit) is >= min_vote_prob
+//      casts p * norm at q + S_k(q) into short[k]; fused[k] = short[k] * short_weight, onto
+//      which every listed pixel casts long_weight * norm at keypoints[t, k] (no long votes
+//      when long_weight <= 0); both splatted with the Hough-voting tap arithmetic
+//      (voting_common.h).
+//   The keypoints are the reference's float32 operations, each rounded on its own
+//   (-ffp-contract=off): bit-equal. The maps are the reference's
+//   short = short_votes * norm, fused = long_votes * (long_weight * norm) + short * short_weight
+//   up to float32 rounding: the weights are scaled before they are summed (no normalization
+//   pass over the maps), and the taps on one cell are summed in another order. Logits far
 //   below logit(min_vote_prob) (vote_screen) skip the sigmoid: their probability is below
 //   min_vote_prob by a margin far wider than any float32 sigmoid's rounding. The refinement and
 //   the short votes (and assign_pixels' distances) have AVX2 clones picked at load time
@@ -60,6 +62,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -417,7 +420,7 @@ struct ShortVoteBuffers {
 constexpr int64_t kScreenChunk = 16;
 
 // The short-range votes of one type into `plane` (+=): every pixel whose probability
-// p = sigmoid(logit) is >= min_vote_prob (p > below; NaN p casts nothing) casts p at
+// p = sigmoid(logit) is >= min_vote_prob (p > below; NaN p casts nothing) casts p * scale at
 // q + (dy, dx)(q), in row-major order, with the tap arithmetic of vote_rows (scale 1). A band
 // of rows at a time: (a) the pixels with logit >= screen (or NaN) are listed with their logits
 // (all of them when the threshold is not screened), (b) ATen's vectorized sigmoid of the listed
@@ -434,6 +437,7 @@ DEEPERLAB_CLONES void short_votes_plane(
     int64_t band,
     float screen,
     float below,
+    float scale,
     float* plane,
     ShortVoteBuffers& buf) {
   const int64_t rows = std::min(band, H);
@@ -508,7 +512,7 @@ DEEPERLAB_CLONES void short_votes_plane(
           const float w = pb[j + i];
           gy[i] = fy + dyr[x];
           gx[i] = static_cast<float>(x) + dxr[x];
-          gw[i] = w <= below ? 0.f : w;
+          gw[i] = w <= below ? 0.f : w * scale;
         }
         for (int64_t i = 0; i < len; ++i) {
           set_tap(block, i, gy[i], gx[i], gw[i], lim_y, lim_x);
@@ -597,10 +601,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
     }
   });
 
-  // 2. votes: 2P tasks (the short-range votes of type k into short[k], its long-range votes
-  // into fused[k]), taken from a shared counter by the threads (the tasks differ in cost: a
-  // static split of the types would leave one thread idle); each plane is written by one task,
-  // its cells summed in a fixed order (short_votes_plane).
+  // 2. votes: 2P tasks taken in order from a shared counter by the threads (the tasks differ
+  // in cost: a static split of the types would leave one thread idle). Task k < P: the short
+  // votes of type k into short[k], each weighted p * norm (so the plane needs no
+  // normalization pass); task P + k: fused[k] = short[k] * short_weight (after task k: it
+  // waits for it; tasks are claimed in order, so task k is running or done), then the long
+  // votes of type k onto it, each weighing long_weight * norm. Each plane is written by one
+  // task, its cells summed in a fixed order; besides the votes, two passes over the maps (the
+  // zeroing of short, the copy into fused) instead of four.
   const float below = std::nextafter(
       static_cast<float>(min_vote_prob), -std::numeric_limits<float>::infinity());
   const float screen = vote_screen(min_vote_prob);
@@ -609,31 +617,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
   const float flong = static_cast<float>(long_weight * norm);
   const float* hp = heat.data_ptr<float>();
   const int64_t band = std::max<int64_t>(1, kWeightBand / std::max<int64_t>(W, 1));
-  const int64_t num_tasks = with_long ? 2 * P : P;
+  const int64_t num_tasks = 2 * P;
   std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int>> short_done(static_cast<size_t>(P));
+  for (auto& flag : short_done) {
+    flag.store(0);
+  }
+  // marks a short task done however it ends (an exception still lets its fused task finish)
+  struct Done {
+    std::atomic<int>& flag;
+    ~Done() {
+      flag.store(1, std::memory_order_release);
+    }
+  };
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     ShortVoteBuffers buffers;
     for (int64_t task = next++; task < num_tasks; task = next++) {
       const int64_t k = task % P;
+      float* splane = shp + k * HW;
       if (task < P) {  // short-range votes (the costlier tasks first)
-        float* plane = shp + k * HW;
-        std::fill(plane, plane + HW, 0.f);
+        Done done{short_done[k]};
+        std::fill(splane, splane + HW, 0.f);
         short_votes_plane(
             hp + k * HW, sp + (2 * k) * HW, sp + (2 * k + 1) * HW, H, W, band, screen, below,
-            plane, buffers);
-      } else {  // long-range votes
+            fnorm, splane, buffers);
+      } else {  // fused = short * short_weight + long-range votes
+        while (short_done[k].load(std::memory_order_acquire) == 0) {
+          std::this_thread::yield();
+        }
         float* plane = fp + k * HW;
-        std::fill(plane, plane + HW, 0.f);
-        splat_points_plane(kp + 2 * k, 2 * P, T, 1.f, plane, H, W);
+        for (int64_t i = 0; i < HW; ++i) {
+          plane[i] = splane[i] * fws;
+        }
+        if (with_long) {
+          splat_points_plane(kp + 2 * k, 2 * P, T, flong, plane, H, W);
+        }
       }
-    }
-  });
-  // normalization and fusion, threads split the cells
-  at::parallel_for(0, P * HW, 1 << 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float s = shp[i] * fnorm;
-      shp[i] = s;
-      fp[i] = with_long ? fp[i] * flong + s * fws : s * fws;
     }
   });
   return {fused, shrt, kps};
