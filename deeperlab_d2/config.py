@@ -50,6 +50,8 @@ def add_deeperlab_config(cfg):
     _C.MODEL.DEEPERLAB.NORM = "BN"
     # Padding multiple of the input; -1 = the largest stride among the features used.
     _C.MODEL.DEEPERLAB.SIZE_DIVISIBILITY = -1
+    # Weights and feature maps in the channels-last memory format (faster CPU convolutions).
+    _C.MODEL.DEEPERLAB.CHANNELS_LAST = False
 
     _C.MODEL.DEEPERLAB.ASPP = CN()
     _C.MODEL.DEEPERLAB.ASPP.CHANNELS = 256

@@ -157,3 +157,30 @@ def test_unknown_config_key_is_rejected(tmp_path):
     bad.write_text(f"_BASE_: {TINY}\nMODEL:\n  DEEPERLAB:\n    NOT_A_KEY: 1\n")
     with pytest.raises(KeyError, match="MODEL.DEEPERLAB.NOT_A_KEY"):
         load(str(bad))
+
+
+def test_channels_last_is_the_same_network():
+    """MODEL.DEEPERLAB.CHANNELS_LAST only changes the memory format: the weights are
+    channels-last, the state dict loads both ways, and the outputs agree to float rounding."""
+    path = os.path.join(
+        ROOT, "configs", "synthetic", "deeperlab_WMNV2-tiny_os16_poly_1200it_bs4_crop192x256.yaml"
+    )
+    torch.manual_seed(0)
+    plain = build_model(load(path, "MODEL.DEEPERLAB.CHANNELS_LAST", "False")).eval()
+    fast = build_model(load(path, "MODEL.DEEPERLAB.CHANNELS_LAST", "True")).eval()
+    fast.load_state_dict(plain.state_dict())
+    # a dense KxK conv's weight (1x1 and depthwise weights are both formats at once)
+    name = next(
+        n for n, p in plain.named_parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1
+    )
+    conv = dict(fast.named_parameters())[name]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert dict(plain.named_parameters())[name].is_contiguous()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        a, b = plain.predict(x), fast.predict(x)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 * float(a[k].abs().max()))
+    # and back: a channels-last state dict loads into the plain model
+    plain.load_state_dict(fast.state_dict())

@@ -73,6 +73,7 @@ class DeeperLab(nn.Module):
         thing_ids: Optional[Sequence[int]],
         panoptic_on: bool,
         instances_on: bool,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -86,6 +87,8 @@ class DeeperLab(nn.Module):
             sem_seg_loss_weight, sem_seg_top_k_ratio: the bootstrapped CE.
             thing_ids: contiguous ids of the thing classes (needed for inference).
             panoptic_on, instances_on: which inference outputs to return (``sem_seg`` always).
+            channels_last: keep the 4-D weights (so the feature maps) in the channels-last
+                memory format: faster convolutions on the CPU (oneDNN). The same network.
         """
         super().__init__()
         self.backbone = backbone
@@ -103,6 +106,8 @@ class DeeperLab(nn.Module):
         self.thing_ids = None if thing_ids is None else list(thing_ids)
         self.panoptic_on = panoptic_on
         self.instances_on = instances_on
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -141,6 +146,7 @@ class DeeperLab(nn.Module):
             "thing_ids": thing_ids,
             "panoptic_on": c.POST_PROCESS.PANOPTIC_ON,
             "instances_on": c.POST_PROCESS.INSTANCES_ON,
+            "channels_last": c.CHANNELS_LAST,
         }
 
     @property
