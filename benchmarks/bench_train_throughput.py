@@ -37,25 +37,14 @@ def time_steps(config_file, opts, steps, warmup):
     from detectron2.config import get_cfg
 
     from deeperlab_d2.config import add_deeperlab_config
-    from deeperlab_d2.engine import Trainer
+    from deeperlab_d2.engine import training_step
 
     cfg = get_cfg()
     add_deeperlab_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts)
     cfg.freeze()
-    model = Trainer.build_model(cfg)
-    model.train()
-    optimizer = Trainer.build_optimizer(cfg, model)
-    data = iter(Trainer.build_train_loader(cfg))
-
-    def step():
-        losses = model(next(data))
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(cfg)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from detectron2.config import get_cfg
 from torch.profiler import ProfilerActivity, profile
 
 from deeperlab_d2.config import add_deeperlab_config
-from deeperlab_d2.engine import Trainer
+from deeperlab_d2.engine import training_step
 
 
 def main(argv=None):
@@ -35,19 +35,7 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    model = Trainer.build_model(cfg)
-    model.train()
-    optimizer = Trainer.build_optimizer(cfg, model)
-    data = iter(Trainer.build_train_loader(cfg))
-
-    def step():
-        batch = next(data)
-        losses = model(batch)
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(cfg)
     for _ in range(args.warmup):
         step()
     t0 = time.perf_counter()

@@ -139,3 +139,27 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+
+def training_step(cfg):
+    """One plain training step of ``cfg`` as :class:`Trainer` builds it (model, optimizer and
+    training data loader; no hooks, no LR schedule), for benchmarks and profiles.
+
+    Returns:
+        a function running one step (next batch, losses, backward, optimizer step); its
+        ``model`` and ``optimizer`` attributes are the two it updates.
+    """
+    model = Trainer.build_model(cfg)
+    model.train()
+    optimizer = Trainer.build_optimizer(cfg, model)
+    data = iter(Trainer.build_train_loader(cfg))
+
+    def step():
+        losses = model(next(data))
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step.model, step.optimizer = model, optimizer
+    return step

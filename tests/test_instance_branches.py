@@ -135,3 +135,19 @@ def test_a_new_representation_plugs_in_by_registration(synthetic_root):
         assert pan.shape == batch[0]["image"].shape[-2:]
     finally:
         INSTANCE_BRANCHES_REGISTRY._obj_map.pop("WholeThingBranch")
+
+
+def test_training_step_of_the_benchmarks_updates_the_weights(synthetic_root):
+    """``engine.training_step`` (the step that benchmarks/bench_train_throughput.py and
+    profile_train_step.py time) builds what the trainer builds and takes an optimizer step."""
+    from deeperlab_d2.engine import training_step
+
+    cfg = cfg_for("keypoints", "SOLVER.IMS_PER_BATCH", "2")
+    cfg.freeze()
+    torch.manual_seed(0)
+    step = training_step(cfg)
+    model = step.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert model.training and len(changed) > len(before) // 2
