@@ -795,3 +795,16 @@ def test_cuda_map_index_out_of_range_is_a_device_assertion(cuda_kernel):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert "RAISED" in result.stdout, result.stdout + result.stderr
+
+
+@needs_op
+def test_compiled_op_rejects_output_sizes_past_int32():
+    """The size limit of both kernels (32-bit tap coordinates) is an argument check, raised
+    before any allocation."""
+    points = torch.zeros(1, 2)
+    weights = torch.ones(1)
+    index = torch.zeros(1, dtype=torch.long)
+    op = torch.ops.deeperlab_d2.splat_points
+    for out_h, out_w in ((2**31, 1), (1, 2**31)):
+        with pytest.raises(RuntimeError, match=r"out_h and out_w must be < 2\^31"):
+            op(points, weights, index, 1, out_h, out_w, 1.0)

@@ -174,14 +174,8 @@ at::Tensor hough_voting_cpu(
     int64_t out_w,
     double scale) {
   check_hough_voting_args(offsets_in, weights_in, out_h, out_w, scale);
-  TORCH_CHECK(
-      offsets_in.device().is_cpu(),
-      "hough_voting: the CPU kernel got offsets on ",
-      offsets_in.device());
-  TORCH_CHECK(
-      weights_in.device().is_cpu(),
-      "hough_voting: the CPU kernel got weights on ",
-      weights_in.device());
+  check_kernel_device(offsets_in, c10::DeviceType::CPU, "hough_voting", "offsets");
+  check_kernel_device(weights_in, c10::DeviceType::CPU, "hough_voting", "weights");
   TORCH_CHECK(
       out_h <= std::numeric_limits<int32_t>::max() && out_w <= std::numeric_limits<int32_t>::max(),
       "hough_voting: out_h and out_w must be < 2^31, got out_h=",
@@ -319,14 +313,8 @@ at::Tensor hough_voting_cuda(
     int64_t out_w,
     double scale) {
   check_hough_voting_args(offsets_in, weights_in, out_h, out_w, scale);
-  TORCH_CHECK(
-      offsets_in.device().is_cuda(),
-      "hough_voting: the CUDA kernel got offsets on ",
-      offsets_in.device());
-  TORCH_CHECK(
-      weights_in.device().is_cuda(),
-      "hough_voting: the CUDA kernel got weights on ",
-      weights_in.device());
+  check_kernel_device(offsets_in, c10::DeviceType::CUDA, "hough_voting", "offsets");
+  check_kernel_device(weights_in, c10::DeviceType::CUDA, "hough_voting", "weights");
   const c10::cuda::CUDAGuard device_guard(offsets_in.device());
   const at::Tensor offsets = offsets_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();

@@ -96,6 +96,12 @@ void check_splat_points_args(
       ", out_w=",
       out_w);
   TORCH_CHECK(
+      out_h <= std::numeric_limits<int32_t>::max() && out_w <= std::numeric_limits<int32_t>::max(),
+      "splat_points: out_h and out_w must be < 2^31, got out_h=",
+      out_h,
+      ", out_w=",
+      out_w);
+  TORCH_CHECK(
       std::isfinite(scale) && scale > 0.0,
       "splat_points: scale must be finite and > 0, got ",
       scale);
@@ -359,16 +365,7 @@ at::Tensor splat_points_cpu(
     int64_t out_w,
     double scale) {
   check_splat_points_args(points_in, weights_in, map_index_in, num_maps, out_h, out_w, scale);
-  TORCH_CHECK(
-      points_in.device().is_cpu(),
-      "splat_points: the CPU kernel got points on ",
-      points_in.device());
-  TORCH_CHECK(
-      out_h <= std::numeric_limits<int32_t>::max() && out_w <= std::numeric_limits<int32_t>::max(),
-      "splat_points: out_h and out_w must be < 2^31, got out_h=",
-      out_h,
-      ", out_w=",
-      out_w);
+  check_kernel_device(points_in, c10::DeviceType::CPU, "splat_points", "points");
   const at::Tensor points = points_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   const at::Tensor map_index = map_index_in.contiguous();
@@ -439,16 +436,7 @@ at::Tensor splat_points_cuda(
     int64_t out_w,
     double scale) {
   check_splat_points_args(points_in, weights_in, map_index_in, num_maps, out_h, out_w, scale);
-  TORCH_CHECK(
-      points_in.device().is_cuda(),
-      "splat_points: the CUDA kernel got points on ",
-      points_in.device());
-  TORCH_CHECK(
-      out_h <= std::numeric_limits<int32_t>::max() && out_w <= std::numeric_limits<int32_t>::max(),
-      "splat_points: out_h and out_w must be < 2^31, got out_h=",
-      out_h,
-      ", out_w=",
-      out_w);
+  check_kernel_device(points_in, c10::DeviceType::CUDA, "splat_points", "points");
   const c10::cuda::CUDAGuard device_guard(points_in.device());
   const at::Tensor points = points_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();

@@ -54,6 +54,15 @@ void check_splat_points_args(
     int64_t out_w,
     double scale);
 
+// Raises unless `tensor` (the op's argument `name`) is on a device of `type`, the device of
+// the kernel that got it: "<op>: the <CPU|CUDA> kernel got <name> on <device>".
+inline void check_kernel_device(
+    const at::Tensor& tensor, c10::DeviceType type, const char* op, const char* name) {
+  TORCH_CHECK(
+      tensor.device().type() == type, op, ": the ", c10::DeviceTypeName(type), " kernel got ",
+      name, " on ", tensor.device());
+}
+
 // The dense CPU voting loop of hough_voting (defined in hough_voting.cpp): casts the votes of
 // source rows [row_begin, row_end) of one plane (offsets dy, dx and weights w, `width` pixels a
 // row) into `out` (out_h x out_w floats, +=).
