@@ -67,6 +67,11 @@ def add_deeperlab_config(cfg):
     # (256 * 4**2 = 4096 at output stride 16).
     _C.MODEL.DEEPERLAB.DECODER.OUT_CHANNELS = 256
     _C.MODEL.DEEPERLAB.DECODER.KERNEL_SIZE = 7
+    # Optional second skip (not in the paper): a stride-8 backbone feature (e.g. "res3"),
+    # reduced by a 1x1 conv to MID_LEVEL_CHANNELS and folded by space-to-depth to the encoder
+    # stride beside the low-level one. "" = the paper's decoder (one stride-4 skip).
+    _C.MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE = ""
+    _C.MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS = 32
 
     # The five prediction heads: a KxK depthwise-separable conv + BN + ReLU, then a 1x1 conv.
     _C.MODEL.DEEPERLAB.HEAD_KERNEL_SIZE = 7

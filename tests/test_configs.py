@@ -139,6 +139,23 @@ TINY = os.path.join(
         (["MODEL.DEEPERLAB.NORM", "BatchNorm"], "MODEL.DEEPERLAB.NORM"),
         (["MODEL.DEEPERLAB.IN_FEATURE", "res6"], "MODEL.DEEPERLAB.IN_FEATURE"),
         (["MODEL.DEEPERLAB.LOW_LEVEL_FEATURE", "res3"], "MODEL.DEEPERLAB.LOW_LEVEL_FEATURE"),
+        (
+            ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "res2"],
+            "MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE",
+        ),
+        (
+            ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "res7"],
+            "MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE",
+        ),
+        (
+            [
+                "MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE",
+                "res3",
+                "MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS",
+                "0",
+            ],
+            "MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS",
+        ),
         (["MODEL.MOBILENETV2.OUTPUT_STRIDE", "12"], "MODEL.MOBILENETV2.OUTPUT_STRIDE"),
         (["SOLVER.OPTIMIZER", "LBFGS"], "SOLVER.OPTIMIZER"),
     ],
@@ -184,3 +201,51 @@ def test_channels_last_is_the_same_network():
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 * float(a[k].abs().max()))
     # and back: a channels-last state dict loads into the plain model
     plain.load_state_dict(fast.state_dict())
+
+
+
+@pytest.mark.parametrize("representation", ["keypoints", "center"])
+def test_decoder_stride8_skip(representation):
+    """DECODER.MID_LEVEL_FEATURE adds the stride-8 feature to the decoder's concatenation
+    (folded 2x2 to stride 16 at output stride 16): the fuse conv sees its channels, the
+    outputs depend on it, and its projection trains, also in the center branch's own decoder
+    of the dual layout. Without the key the decoder is the paper's."""
+    opts = [
+        "MODEL.DEEPERLAB.INSTANCE_REPRESENTATION",
+        representation,
+        "MODEL.DEEPERLAB.CENTER.DUAL_DECODER",
+        "True",
+    ]
+    skip = ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "res3"]
+    skip += ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS", "8"]
+    torch.manual_seed(0)
+    plain = build_model(load(TINY, *opts))
+    model = build_model(load(TINY, *opts, *skip))
+    decoders = [model.decoder]
+    if representation == "center":
+        decoders.append(model.instance_branch.decoder)
+    for dec in decoders:
+        assert dec.mid_level_feature == "res3"
+        width = plain.decoder.fuse[0].depthwise.in_channels
+        assert dec.fuse[0].depthwise.in_channels == width + 8 * 2 * 2
+    assert plain.decoder.mid_level_proj is None and plain.decoder.mid_level_feature == ""
+
+    # the decoder output depends on the stride-8 feature, which it requires
+    dec = model.decoder.eval()
+    x = torch.randn(1, dec.aspp.convs[0].in_channels, 4, 4)
+    low = torch.randn(1, dec.low_level_proj.in_channels, 16, 16)
+    mid = torch.randn(1, dec.mid_level_proj.in_channels, 8, 8)
+    with torch.no_grad():
+        a, b = dec(x, low, None, mid), dec(x, low, None, mid + 1.0)
+    assert a.shape == (1, dec.out_channels, 16, 16)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="mid_level"):
+        dec(x, low)
+
+    # the model's forward feeds it; a backward reaches every stride-8 projection
+    model.train()
+    out = model.predict(torch.randn(2, 3, 64, 96))
+    sum(v.float().square().mean() for v in out.values()).backward()
+    for dec in decoders:
+        grad = dec.mid_level_proj.weight.grad
+        assert grad is not None and grad.abs().sum() > 0

@@ -170,6 +170,12 @@ class DeeperLabDecoder(nn.Module):
         block_size: encoder stride / low-level stride (4 at output stride 16).
         aspp_channels, aspp_dilations, aspp_dropout: ASPP settings.
         low_level_channels: 1x1 reduction of the low-level feature (32 in the paper).
+        mid_level_in_channels, mid_level_channels: an optional second skip from a stride-8
+            feature (not in the paper; 0 = none): its 1x1 reduction to ``mid_level_channels`` is
+            folded by ``block_size // 2`` to the encoder stride and joins the concatenation,
+            like the low-level feature. It brings the deeper stride-8 features of the backbone
+            to the decoder, as Panoptic-DeepLab's second skip level does.
+        mid_level_feature: the backbone feature name callers pass as ``mid_level`` ("" if none).
         out_channels: channels at stride 4 after depth-to-space (256); the separable convs run
             with ``out_channels * block_size**2`` channels (4096).
         kernel_size: kernel of the two depthwise-separable convs (7).
@@ -189,6 +195,9 @@ class DeeperLabDecoder(nn.Module):
         out_channels: int,
         kernel_size: int,
         norm: str,
+        mid_level_in_channels: int = 0,
+        mid_level_channels: int = 0,
+        mid_level_feature: str = "",
     ):
         super().__init__()
         self.block_size = block_size
@@ -209,8 +218,28 @@ class DeeperLabDecoder(nn.Module):
             activation=nn.ReLU(),
         )
         nn.init.kaiming_normal_(self.low_level_proj.weight, mode="fan_out", nonlinearity="relu")
-        wide = out_channels * block_size**2
+        self.mid_level_proj = None
+        self.mid_level_feature = ""
         fused = aspp_channels + low_level_channels * block_size**2
+        if mid_level_in_channels > 0 and mid_level_channels > 0:
+            if block_size % 2:
+                raise ValueError(
+                    f"decoder: a stride-8 skip needs an even block size, got {block_size}"
+                )
+            self.mid_level_proj = Conv2d(
+                mid_level_in_channels,
+                mid_level_channels,
+                1,
+                bias=not norm,
+                norm=get_norm(norm, mid_level_channels),
+                activation=nn.ReLU(),
+            )
+            nn.init.kaiming_normal_(
+                self.mid_level_proj.weight, mode="fan_out", nonlinearity="relu"
+            )
+            fused += mid_level_channels * (block_size // 2) ** 2
+            self.mid_level_feature = mid_level_feature
+        wide = out_channels * block_size**2
         self.fuse = nn.Sequential(
             SeparableConv2d(fused, wide, kernel_size, norm=norm),
             SeparableConv2d(wide, wide, kernel_size, norm=norm),
@@ -219,7 +248,11 @@ class DeeperLabDecoder(nn.Module):
         self.out_channels = out_channels
 
     def forward(
-        self, x: torch.Tensor, low_level: torch.Tensor, valid_sizes: ValidSizes = None
+        self,
+        x: torch.Tensor,
+        low_level: torch.Tensor,
+        valid_sizes: ValidSizes = None,
+        mid_level: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -227,6 +260,8 @@ class DeeperLabDecoder(nn.Module):
             low_level: [N, C_low, H/4, W/4].
             valid_sizes: (h, w) per image in cells of ``x``: the part of each image that is
                 not batch padding (the ASPP image pooling averages over it). None: all valid.
+            mid_level: [N, C_mid, H/8, W/8], required when the decoder has a stride-8 skip
+                (``mid_level_channels`` > 0), ignored otherwise.
 
         Returns:
             [N, out_channels, H/4, W/4].
@@ -239,7 +274,19 @@ class DeeperLabDecoder(nn.Module):
                 f"{self.block_size} gives {tuple(low.shape[-2:])}, but the encoder feature is "
                 f"{tuple(x.shape[-2:])}; pad the input to a multiple of the encoder stride"
             )
-        x = self.fuse(torch.cat([x, low], dim=1))
+        parts = [x, low]
+        if self.mid_level_proj is not None:
+            if mid_level is None:
+                raise ValueError("decoder: built with a stride-8 skip but got no mid_level")
+            mid = space_to_depth(self.mid_level_proj(mid_level), self.block_size // 2)
+            if mid.shape[-2:] != x.shape[-2:]:
+                raise ValueError(
+                    f"decoder: stride-8 feature {tuple(mid_level.shape[-2:])} folded by "
+                    f"{self.block_size // 2} gives {tuple(mid.shape[-2:])}, but the encoder "
+                    f"feature is {tuple(x.shape[-2:])}"
+                )
+            parts.append(mid)
+        x = self.fuse(torch.cat(parts, dim=1))
         return depth_to_space(x, self.block_size)
 
 
@@ -278,7 +325,10 @@ def build_deeperlab_decoder(cfg, backbone_shapes) -> DeeperLabDecoder:
             outputs, the low-level stride is not 4, or the strides do not divide.
     """
     c = cfg.MODEL.DEEPERLAB
-    for key, name in (("IN_FEATURE", c.IN_FEATURE), ("LOW_LEVEL_FEATURE", c.LOW_LEVEL_FEATURE)):
+    named = [("IN_FEATURE", c.IN_FEATURE), ("LOW_LEVEL_FEATURE", c.LOW_LEVEL_FEATURE)]
+    if c.DECODER.MID_LEVEL_FEATURE:
+        named.append(("DECODER.MID_LEVEL_FEATURE", c.DECODER.MID_LEVEL_FEATURE))
+    for key, name in named:
         if name not in backbone_shapes:
             raise ValueError(
                 f"MODEL.DEEPERLAB.{key} = {name!r} is not an output of backbone "
@@ -295,6 +345,21 @@ def build_deeperlab_decoder(cfg, backbone_shapes) -> DeeperLabDecoder:
             f"MODEL.DEEPERLAB.LOW_LEVEL_FEATURE must have stride 4, {c.LOW_LEVEL_FEATURE!r} "
             f"has stride {low.stride}"
         )
+    mid_in = 0
+    if c.DECODER.MID_LEVEL_FEATURE:
+        mid = backbone_shapes[c.DECODER.MID_LEVEL_FEATURE]
+        if mid.stride != 8 or high.stride % 16 != 0:
+            raise ValueError(
+                f"MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE must have stride 8 and "
+                f"IN_FEATURE a stride that is a multiple of 16; {c.DECODER.MID_LEVEL_FEATURE!r} "
+                f"has stride {mid.stride}, {c.IN_FEATURE!r} {high.stride}"
+            )
+        if c.DECODER.MID_LEVEL_CHANNELS <= 0:
+            raise ValueError(
+                "MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS must be > 0 when "
+                f"DECODER.MID_LEVEL_FEATURE is set, got {c.DECODER.MID_LEVEL_CHANNELS}"
+            )
+        mid_in = mid.channels
     return DeeperLabDecoder(
         in_channels=high.channels,
         low_level_in_channels=low.channels,
@@ -306,4 +371,7 @@ def build_deeperlab_decoder(cfg, backbone_shapes) -> DeeperLabDecoder:
         out_channels=c.DECODER.OUT_CHANNELS,
         kernel_size=c.DECODER.KERNEL_SIZE,
         norm=c.NORM,
+        mid_level_in_channels=mid_in,
+        mid_level_channels=c.DECODER.MID_LEVEL_CHANNELS if mid_in else 0,
+        mid_level_feature=c.DECODER.MID_LEVEL_FEATURE,
     )

@@ -412,7 +412,10 @@ class CenterBranch(InstanceBranch):
     def forward(self, x, features, size, valid_sizes=None):
         if self.decoder is not None:
             x = self.decoder(
-                features[self.in_feature], features[self.low_level_feature], valid_sizes
+                features[self.in_feature],
+                features[self.low_level_feature],
+                valid_sizes,
+                features.get(self.decoder.mid_level_feature),
             )
         n, _, h, w = x.shape
         return {

@@ -187,7 +187,8 @@ class DeeperLab(nn.Module):
             (H, W), (h_f, w_f) = images.shape[-2:], high.shape[-2:]
             # ceil(h * h_f / H): every encoder cell that covers at least one valid pixel
             valid = [(-(-int(h) * h_f // H), -(-int(w) * w_f // W)) for h, w in image_sizes]
-        x = self.decoder(high, features[self.low_level_feature], valid)
+        mid = features.get(self.decoder.mid_level_feature)
+        x = self.decoder(high, features[self.low_level_feature], valid, mid)
         size = images.shape[-2:]
         out = {"sem_seg": F.interpolate(self.sem_seg_head(x), size=size, mode="bilinear")}
         out.update(self.instance_branch(x, features, size, valid))
