@@ -203,7 +203,6 @@ def test_channels_last_is_the_same_network():
     plain.load_state_dict(fast.state_dict())
 
 
-
 @pytest.mark.parametrize("representation", ["keypoints", "center"])
 def test_decoder_stride8_skip(representation):
     """DECODER.MID_LEVEL_FEATURE adds the stride-8 feature to the decoder's concatenation

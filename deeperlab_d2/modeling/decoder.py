@@ -234,9 +234,7 @@ class DeeperLabDecoder(nn.Module):
                 norm=get_norm(norm, mid_level_channels),
                 activation=nn.ReLU(),
             )
-            nn.init.kaiming_normal_(
-                self.mid_level_proj.weight, mode="fan_out", nonlinearity="relu"
-            )
+            nn.init.kaiming_normal_(self.mid_level_proj.weight, mode="fan_out", nonlinearity="relu")
             fused += mid_level_channels * (block_size // 2) ** 2
             self.mid_level_feature = mid_level_feature
         wide = out_channels * block_size**2
