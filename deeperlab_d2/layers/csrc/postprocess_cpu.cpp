@@ -409,6 +409,15 @@ inline float vote_screen(double min_vote_prob) {
   return std::nextafter(static_cast<float>(logit), -std::numeric_limits<float>::infinity());
 }
 
+// Zeroes rows [from, to) of a plane of width W (none if to <= from); returns max(from, to).
+inline int64_t zero_rows(float* plane, int64_t W, int64_t from, int64_t to) {
+  if (to <= from) {
+    return from;
+  }
+  std::fill(plane + from * W, plane + to * W, 0.f);
+  return to;
+}
+
 // Per-thread buffers of short_votes_plane (one band of rows).
 struct ShortVoteBuffers {
   at::Tensor logits, probs;        // [band * W + kScreenChunk] float32
@@ -419,7 +428,9 @@ struct ShortVoteBuffers {
 // Pixels per chunk of the screening pass.
 constexpr int64_t kScreenChunk = 16;
 
-// The short-range votes of one type into `plane` (+=): every pixel whose probability
+// The short-range votes of one type into `plane` (its previous contents are ignored: the plane
+// is zeroed row by row just ahead of the votes that land in it, then to the end): every pixel
+// whose probability
 // p = sigmoid(logit) is >= min_vote_prob (p > below; NaN p casts nothing) casts p * scale at
 // q + (dy, dx)(q), in row-major order, with the tap arithmetic of vote_rows (scale 1). A band
 // of rows at a time: (a) the pixels with logit >= screen (or NaN) are listed with their logits
@@ -455,6 +466,7 @@ DEEPERLAB_CLONES void short_votes_plane(
   const float lim_y = static_cast<float>(H);
   const float lim_x = static_cast<float>(W);
   TapBlock block;
+  int64_t zeroed = 0;  // rows [0, zeroed) of the plane are zeroed
   for (int64_t r0 = 0; r0 < H; r0 += band) {
     const int64_t r1 = std::min(H, r0 + band);
     // (a) screening
@@ -517,11 +529,19 @@ DEEPERLAB_CLONES void short_votes_plane(
         for (int64_t i = 0; i < len; ++i) {
           set_tap(block, i, gy[i], gx[i], gw[i], lim_y, lim_x);
         }
+        // zero the plane down to the lowest row these votes reach (rows above it are
+        // zeroed already): the rows are still in cache when the votes land
+        int32_t last = 0;
+        for (int64_t i = 0; i < len; ++i) {
+          last = std::max(last, block.tap_y[i]);
+        }
+        zeroed = zero_rows(plane, W, zeroed, std::min<int64_t>(H, int64_t{last} + 2));
         scatter_taps(block, len, plane, H, W);
         j += len;
       }
     }
   }
+  zero_rows(plane, W, zeroed, H);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
@@ -603,12 +623,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
 
   // 2. votes: 2P tasks taken in order from a shared counter by the threads (the tasks differ
   // in cost: a static split of the types would leave one thread idle). Task k < P: the short
-  // votes of type k into short[k], each weighted p * norm (so the plane needs no
-  // normalization pass); task P + k: fused[k] = short[k] * short_weight (after task k: it
+  // votes of type k into short[k] (zeroed by short_votes_plane), each weighted p * norm (so the
+  // plane needs no normalization pass); task P + k: fused[k] = short[k] * short_weight (after task k: it
   // waits for it; tasks are claimed in order, so task k is running or done), then the long
   // votes of type k onto it, each weighing long_weight * norm. Each plane is written by one
   // task, its cells summed in a fixed order; besides the votes, two passes over the maps (the
-  // zeroing of short, the copy into fused) instead of four.
+  // zeroing of short, just ahead of its votes; the copy into fused) instead of four.
   const float below = std::nextafter(
       static_cast<float>(min_vote_prob), -std::numeric_limits<float>::infinity());
   const float screen = vote_screen(min_vote_prob);
@@ -637,7 +657,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> keypoint_votes_cpu(
       float* splane = shp + k * HW;
       if (task < P) {  // short-range votes (the costlier tasks first)
         Done done{short_done[k]};
-        std::fill(splane, splane + HW, 0.f);
         short_votes_plane(
             hp + k * HW, sp + (2 * k) * HW, sp + (2 * k + 1) * HW, H, W, band, screen, below,
             fnorm, splane, buffers);

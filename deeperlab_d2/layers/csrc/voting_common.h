@@ -203,6 +203,12 @@ inline void set_tap(TapBlock& b, int64_t i, float py, float px, float weight, fl
   b.w11[i] = ay * ax * weight;
 }
 
+#if defined(__GNUC__)
+#define DEEPERLAB_SCALAR_BARRIER() asm volatile("" ::: "memory")
+#else
+#define DEEPERLAB_SCALAR_BARRIER() ((void)0)
+#endif
+
 // Adds the taps of votes [0, len) of the block to `out` (out_h x out_w, both >= 1), in order;
 // taps outside the grid are dropped one by one.
 inline void scatter_taps(const TapBlock& b, int64_t len, float* __restrict__ out, int64_t out_h,
@@ -219,6 +225,10 @@ inline void scatter_taps(const TapBlock& b, int64_t len, float* __restrict__ out
     if (static_cast<uint64_t>(y0) < inner_y && static_cast<uint64_t>(x0) < inner_x) {
       float* p = out + y0 * out_w + x0;
       p[0] += b.w00[i];
+      // Kept as two 4-byte updates: merged into one 8-byte load/store (GCC's SLP
+      // vectorizer does it), the next vote's load one cell to the right overlaps this store
+      // only in part, and the CPU cannot forward it (a stall until the store retires).
+      DEEPERLAB_SCALAR_BARRIER();
       p[1] += b.w01[i];
       p[out_w] += b.w10[i];
       p[out_w + 1] += b.w11[i];
