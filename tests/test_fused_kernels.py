@@ -131,6 +131,24 @@ def test_keypoint_votes_kernel_equals_reference(seed, overrides):
 
 
 @needs_votes
+def test_keypoint_votes_kernel_pixels_in_any_order():
+    """The pixels' rows are tracked from pixel to pixel (row-major lists need no division): in
+    any order, with repeats and jumps back, each pixel gets the keypoints it gets in order."""
+    cfg = post_process_cfg(keypoint_radius=4.0)
+    heat, short, long, pixels = _vote_inputs(1, H=37, W=23)
+    g = torch.Generator().manual_seed(0)
+    shuffled = torch.cat([pixels[torch.randperm(pixels.numel(), generator=g)], pixels[:9]])
+    shuffled = torch.cat([shuffled, torch.tensor([0, 37 * 23 - 1, 22, 23, 22])])
+    _, _, kps = pp.keypoint_votes(heat, short, long, shuffled, cfg, use_compiled=True)
+    ref = pp.keypoint_votes(heat, short, long, shuffled, cfg, use_compiled=False)[2]
+    assert torch.equal(kps, ref)
+    _, _, in_order = pp.keypoint_votes(heat, short, long, pixels, cfg, use_compiled=True)
+    position = {int(p): i for i, p in enumerate(pixels)}
+    for i, p in enumerate(shuffled[: pixels.numel() + 9].tolist()):
+        assert torch.equal(kps[i], in_order[position[p]])
+
+
+@needs_votes
 def test_keypoint_votes_kernel_values_by_hand():
     """One vote of each kind, checked by hand: a short vote with probability 0.5 at (2.25, 3),
     a long vote from pixel (1, 1) whose long offset (1, 2) is refined once by the short offset

@@ -884,6 +884,10 @@ def find_keypoints(
     return results
 
 
+#: (dy, dx) of the 8 neighbours of a cell
+_NEIGHBOURS_8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+
+
 def local_peaks(
     maps: torch.Tensor, kernel: int, threshold: float, ridge: float = 0.5
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -902,15 +906,13 @@ def local_peaks(
     flat = maps.reshape(N * P, H * W)
     plane = n * P + k
     v = flat[plane, y * W + x]
-    # the maximum of the 3 x 3 neighbourhood (ties kept), read at the sparse cells only
-    is_max = torch.ones_like(v, dtype=torch.bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                qy, qx = y + dy, x + dx
-                ok = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-                q = flat[plane, qy.clamp(0, H - 1) * W + qx.clamp(0, W - 1)]
-                is_max &= ~ok | (v >= q)
+    # the maximum of the 3 x 3 neighbourhood (ties kept), read at the sparse cells only: the
+    # 8 neighbours at once, [8, n]
+    d = torch.tensor(_NEIGHBOURS_8, device=maps.device)
+    qy, qx = y + d[:, :1], x + d[:, 1:]
+    ok = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+    q = torch.take(flat, plane * (H * W) + qy.clamp(0, H - 1) * W + qx.clamp(0, W - 1))
+    is_max = (~ok | (v >= q)).all(0)
     n, k, y, x, plane, v = n[is_max], k[is_max], y[is_max], x[is_max], plane[is_max], v[is_max]
     r = kernel // 2
     if r < 2 or n.numel() == 0:
@@ -1071,24 +1073,37 @@ def _plane_bases(fields: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     return (r[:, None] * C + torch.arange(C, device=fields.device)) * (H * W)
 
 
+def _bilinear_taps(ys: torch.Tensor, xs: torch.Tensor, H: int, W: int):
+    """The 4 bilinear taps of the points ``ys``, ``xs`` (float tensors of one shape S), stacked
+    on a new first dimension in the order (0,0), (0,1), (1,0), (1,1): integer coordinates
+    ``yy``, ``xx``, weight factors ``wy``, ``wx`` (``1 - f`` / ``f`` of the fractional parts,
+    the values :func:`bilinear_sample` computes) and whether the tap is in the ``H x W`` map;
+    [4, *S] each."""
+    y0f, x0f = torch.floor(ys), torch.floor(xs)
+    fy, fx = ys - y0f, xs - x0f
+    gy, gx = 1 - fy, 1 - fx
+    y0, x0 = y0f.long(), x0f.long()
+    y1, x1 = y0 + 1, x0 + 1
+    yy, xx = torch.stack([y0, y0, y1, y1]), torch.stack([x0, x1, x0, x1])
+    wy, wx = torch.stack([gy, gy, fy, fy]), torch.stack([gx, fx, gx, fx])
+    ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+    return yy, xx, wy, wx, ok
+
+
 def _bilinear_sample_rows(fields, rows, ys, xs):
     """:func:`bilinear_sample` of ``fields[rows[r]]`` ([K, C, H, W] fields) at its own points
     ``ys[r]``, ``xs[r]`` ([R, M] each), for every row r in one batch: [R, C, M]. Each value is
-    computed with the float32 operations of :func:`bilinear_sample`, in the same order."""
+    computed with the float32 operations of :func:`bilinear_sample`, in the same order (the
+    four taps' products are formed at once, then added to 0 one by one)."""
     K, C, H, W = fields.shape
-    flat = fields.reshape(-1)
     base = _plane_bases(fields, rows)[:, :, None]  # [R, C, 1]
-    y0f, x0f = torch.floor(ys), torch.floor(xs)
-    wy1, wx1 = ys - y0f, xs - x0f
-    y0, x0 = y0f.long(), x0f.long()
+    yy, xx, wy, wx, ok = _bilinear_taps(ys, xs, H, W)  # [4, R, M]
+    idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1))[:, :, None]  # [4, R, 1, M]
+    w = torch.where(ok, wy * wx, 0.0)[:, :, None]
+    taps = torch.take(fields, base + idx) * w  # [4, R, C, M]
     out = fields.new_zeros(ys.shape[0], C, ys.shape[1])
-    for dy, wy in ((0, 1 - wy1), (1, wy1)):
-        for dx, wx in ((0, 1 - wx1), (1, wx1)):
-            yy, xx = y0 + dy, x0 + dx
-            ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1))[:, None]
-            w = torch.where(ok, wy * wx, torch.zeros_like(wy))
-            out += flat[base + idx] * w[:, None]
+    for t in range(4):
+        out += taps[t]
     return out
 
 
@@ -1114,21 +1129,13 @@ def _tap_spread_rows(mid_offsets, edges, ys, xs):
     if not mid_offsets.is_contiguous():
         return torch.stack([_tap_spread(mid_offsets[e], ys[r], xs[r]) for r, e in enumerate(edges)])
     E, _, H, W = mid_offsets.shape
-    flat = mid_offsets.reshape(-1)
     base = _plane_bases(mid_offsets, edges)  # [R, 2]
-    y0f, x0f = torch.floor(ys), torch.floor(xs)
-    fy, fx = ys - y0f, xs - x0f
-    y0, x0 = y0f.long(), x0f.long()
-    targets, oks = [], []
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            yy, xx = y0 + dy, x0 + dx
-            ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & (wy * wx > 0.01)
-            idx = yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
-            oy, ox = flat[base[:, 0, None] + idx], flat[base[:, 1, None] + idx]
-            targets.append(torch.stack([yy + oy, xx + ox], -1))
-            oks.append(ok)
-    t, ok = torch.stack(targets), torch.stack(oks)  # [4, R, M, 2], [4, R, M]
+    yy, xx, wy, wx, ok = _bilinear_taps(ys, xs, H, W)  # [4, R, M]
+    ok &= wy * wx > 0.01
+    idx = yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)
+    oy = torch.take(mid_offsets, base[:, 0, None] + idx)
+    ox = torch.take(mid_offsets, base[:, 1, None] + idx)
+    t = torch.stack([yy + oy, xx + ox], -1)  # [4, R, M, 2]
     w = ok.to(t.dtype)[..., None]
     mean = (t * w).sum(0) / w.sum(0).clamp(min=1)
     return torch.where(ok, (t - mean).norm(dim=-1), 0.0).amax(0)

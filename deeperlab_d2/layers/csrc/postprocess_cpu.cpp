@@ -333,11 +333,17 @@ DEEPERLAB_CLONES void refine_block(
   alignas(64) int32_t y0s[B], x0s[B];
   alignas(64) int32_t m00[B], m01[B], m10[B], m11[B];
   alignas(64) float ay[4][B], ax[4][B];
+  // row of each pixel: the pixels come mostly in row-major order, so the previous pixel's row
+  // usually holds it (a 64-bit division per pixel costs more than the sampling)
+  int64_t y = 0, row_start = 0;
   for (int64_t i = 0; i < len; ++i) {
     const int64_t q = pix[i];
-    const int64_t y = q / W;
+    if (q < row_start || q - row_start >= W) {
+      y = q / W;
+      row_start = y * W;
+    }
     yq[i] = static_cast<float>(y);
-    xq[i] = static_cast<float>(q - y * W);
+    xq[i] = static_cast<float>(q - row_start);
   }
   // pass (a) runs on whole vectors: the lanes past len hold zeros (their results are unused)
   const int64_t len_v = (len + kLanes - 1) / kLanes * kLanes;
