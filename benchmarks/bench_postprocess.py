@@ -227,18 +227,34 @@ def bench_size(h, w, repeats, rng):
     )
     if op is not None:
         norm = 1.0 / (np.pi * cfg.keypoint_radius**2)
-        args = (heat_logits[0], short[0], long[0])
+        # a heatmap far below MIN_VOTE_PROB everywhere: no pixel is listed, nothing is cast
+        cold = torch.full_like(heat_logits[0], -1e4)
         parts = [
             (
-                "no vote cast (allocation, sigmoid, first pass, fusion pass)",
-                (pixels[:0], 1.0, 0, 0.0),
+                "no vote cast (a cold heatmap: allocation, screening, fusion pass)",
+                (cold, pixels[:0], 0, 0.0),
             ),
-            ("+ short-range votes", (pixels[:0], cfg.min_vote_prob, 0, 0.0)),
-            ("+ long-range votes, unrefined", (pixels, cfg.min_vote_prob, 0, cfg.long_vote_weight)),
+            ("+ short-range votes", (heat_logits[0], pixels[:0], 0, 0.0)),
+            ("+ long-range votes, unrefined", (heat_logits[0], pixels, 0, cfg.long_vote_weight)),
+            (
+                "+ refinement (= the op's call above)",
+                (heat_logits[0], pixels, cfg.refine_steps, cfg.long_vote_weight),
+            ),
         ]
         for name, part in parts:
-            pix, prob, steps, wl = part
-            call = functools.partial(op, *args, pix, prob, steps, norm, cfg.short_vote_weight, wl)
+            heat, pix, steps, wl = part
+            call = functools.partial(
+                op,
+                heat,
+                short[0],
+                long[0],
+                pix,
+                cfg.min_vote_prob,
+                steps,
+                norm,
+                cfg.short_vote_weight,
+                wl,
+            )
             rows.append((f"   keypoint_votes: {name}", timeit(call, repeats)))
         rows.append(
             (
