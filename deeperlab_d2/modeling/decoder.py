@@ -161,6 +161,20 @@ class ASPP(nn.Module):
         return out
 
 
+def _skip_projection(in_channels: int, out_channels: int, norm: str) -> Conv2d:
+    """The 1x1 conv + norm + ReLU that reduces a skip feature before space-to-depth."""
+    conv = Conv2d(
+        in_channels,
+        out_channels,
+        1,
+        bias=not norm,
+        norm=get_norm(norm, out_channels),
+        activation=nn.ReLU(),
+    )
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
 class DeeperLabDecoder(nn.Module):
     """ASPP + space-to-depth decoder.
 
@@ -209,15 +223,7 @@ class DeeperLabDecoder(nn.Module):
             activation=nn.ReLU(),
             dropout=aspp_dropout,
         )
-        self.low_level_proj = Conv2d(
-            low_level_in_channels,
-            low_level_channels,
-            1,
-            bias=not norm,
-            norm=get_norm(norm, low_level_channels),
-            activation=nn.ReLU(),
-        )
-        nn.init.kaiming_normal_(self.low_level_proj.weight, mode="fan_out", nonlinearity="relu")
+        self.low_level_proj = _skip_projection(low_level_in_channels, low_level_channels, norm)
         self.mid_level_proj = None
         self.mid_level_feature = ""
         fused = aspp_channels + low_level_channels * block_size**2
@@ -226,15 +232,7 @@ class DeeperLabDecoder(nn.Module):
                 raise ValueError(
                     f"decoder: a stride-8 skip needs an even block size, got {block_size}"
                 )
-            self.mid_level_proj = Conv2d(
-                mid_level_in_channels,
-                mid_level_channels,
-                1,
-                bias=not norm,
-                norm=get_norm(norm, mid_level_channels),
-                activation=nn.ReLU(),
-            )
-            nn.init.kaiming_normal_(self.mid_level_proj.weight, mode="fan_out", nonlinearity="relu")
+            self.mid_level_proj = _skip_projection(mid_level_in_channels, mid_level_channels, norm)
             fused += mid_level_channels * (block_size // 2) ** 2
             self.mid_level_feature = mid_level_feature
         wide = out_channels * block_size**2
