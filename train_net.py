@@ -5,6 +5,7 @@ python train_net.py --config-file configs/synthetic/<leaf>.yaml [--num-gpus N]
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
 python train_net.py --config-file <cfg> --resume
 python train_net.py --config-file <cfg> --check-data     # read every record once, report problems
+python train_net.py --config-file <cfg> --train-minutes 14  # as many iterations as fit 14 min
 
 The trainer is :class:`deeperlab_d2.engine.Trainer`: ``--resume`` restores the model, the
 iteration, the optimizer state and the LR schedule of the newest complete checkpoint in
@@ -23,7 +24,7 @@ from detectron2.utils.logger import setup_logger
 
 from deeperlab_d2 import add_deeperlab_config
 from deeperlab_d2.checkpoint import DeeperLabCheckpointer, load_model_weights
-from deeperlab_d2.engine import Trainer
+from deeperlab_d2.engine import Trainer, apply_schedule, time_budget_schedule
 from deeperlab_d2.evaluation import summary_table
 
 
@@ -42,6 +43,14 @@ def default_argument_parser(epilog=None):
         help="read every record of DATASETS.TRAIN and DATASETS.TEST once (files exist and "
         "decode, sizes agree, panoptic ids match segments_info, categories known), print one "
         "report of every problem and exit (status 1 if any error)",
+    )
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        help="measure the training step time first and set SOLVER.MAX_ITER to the iterations "
+        "that fit this many minutes of training (SOLVER.STEPS scaled in proportion; the plan is "
+        "kept in OUTPUT_DIR/schedule.json and reused by --resume)",
     )
     return parser
 
@@ -64,10 +73,22 @@ def setup(args):
     add_deeperlab_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    plan = None
+    minutes = getattr(args, "train_minutes", None)
+    if minutes is not None and not args.eval_only and not getattr(args, "check_data", False):
+        # before default_setup seeds the RNGs: the measured steps leave the training unchanged
+        plan = time_budget_schedule(cfg, minutes, resume=args.resume)
+        apply_schedule(cfg, plan["max_iter"])
     cfg.freeze()
     default_setup(cfg, args)
     # the plugin's own logger (summary table, ...) goes to the console and OUTPUT_DIR/log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deeperlab_d2")
+    if plan is not None:
+        logging.getLogger("deeperlab_d2").info(
+            f"--train-minutes {plan['minutes']:g}: {plan['seconds_per_iter']:.3f} s/iteration "
+            f"measured -> SOLVER.MAX_ITER {plan['max_iter']} (the config has "
+            f"{plan['config_max_iter']})"
+        )
     return cfg
 
 

@@ -16,7 +16,10 @@ passing ``device_ids=[local rank]``, which DDP refuses for a CPU module; see
 rank 0 checkpoints: see :func:`broadcast_buffers`.
 """
 
+import json
 import logging
+import os
+import time
 import weakref
 from unittest import mock
 
@@ -29,7 +32,15 @@ from .data import DeeperLabDatasetMapper, build_test_loader, build_train_loader
 from .evaluation import build_evaluator
 from .solver import build_lr_scheduler, build_optimizer
 
-__all__ = ["Trainer", "broadcast_buffers", "create_ddp_model"]
+__all__ = [
+    "Trainer",
+    "broadcast_buffers",
+    "create_ddp_model",
+    "apply_schedule",
+    "measure_step_time",
+    "time_budget_schedule",
+    "training_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +174,67 @@ def training_step(cfg):
 
     step.model, step.optimizer = model, optimizer
     return step
+
+
+#: where :func:`time_budget_schedule` keeps the schedule it planned, in OUTPUT_DIR
+SCHEDULE_FILE = "schedule.json"
+
+
+def measure_step_time(cfg, steps: int = 12, warmup: int = 3) -> float:
+    """Mean wall time (s) of one training step of ``cfg`` (:func:`training_step`: the model,
+    optimizer and data loader the trainer builds, data loading included), over ``steps`` steps
+    after ``warmup`` untimed ones."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(
+            f"measure_step_time: steps must be >= 1 and warmup >= 0, got {steps}, {warmup}"
+        )
+    step = training_step(cfg)
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def time_budget_schedule(cfg, minutes: float, resume: bool = False, **measure) -> dict:
+    """A schedule that fits ``minutes`` of training on this machine, as it is loaded now: the
+    step time of ``cfg`` is measured (:func:`measure_step_time`, ``measure`` its arguments)
+    and the iterations that fit are planned. The plan is written to
+    ``OUTPUT_DIR/schedule.json``; with ``resume`` an existing plan there is returned unchanged
+    (a resumed run keeps the schedule it started with). Apply it with
+    :func:`apply_schedule`.
+
+    Returns:
+        ``{"max_iter", "seconds_per_iter", "minutes", "config_max_iter"}``.
+
+    Raises:
+        ValueError: ``minutes`` <= 0, or several processes (each would measure its own).
+    """
+    if not minutes > 0:
+        raise ValueError(f"--train-minutes must be > 0, got {minutes}")
+    if comm.get_world_size() > 1:
+        raise ValueError("--train-minutes plans the schedule of a single process only")
+    path = os.path.join(cfg.OUTPUT_DIR, SCHEDULE_FILE)
+    if resume and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    seconds = measure_step_time(cfg, **measure)
+    plan = {
+        "max_iter": max(1, int(minutes * 60 / seconds)),
+        "seconds_per_iter": seconds,
+        "minutes": minutes,
+        "config_max_iter": cfg.SOLVER.MAX_ITER,
+    }
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(plan, f, indent=1)
+    return plan
+
+
+def apply_schedule(cfg, max_iter: int) -> None:
+    """Set ``SOLVER.MAX_ITER`` of an unfrozen ``cfg`` to ``max_iter``, with the LR decay
+    steps (``SOLVER.STEPS``, multi-step schedules) scaled in proportion."""
+    ratio = max_iter / cfg.SOLVER.MAX_ITER
+    cfg.SOLVER.STEPS = tuple(int(round(s * ratio)) for s in cfg.SOLVER.STEPS)
+    cfg.SOLVER.MAX_ITER = int(max_iter)
