@@ -21,7 +21,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import time
 
 DEFAULT_VARIANTS = [
     "DATALOADER.NUM_WORKERS 1 MODEL.DEEPERLAB.CHANNELS_LAST False",
@@ -37,20 +36,14 @@ def time_steps(config_file, opts, steps, warmup):
     from detectron2.config import get_cfg
 
     from deeperlab_d2.config import add_deeperlab_config
-    from deeperlab_d2.engine import training_step
+    from deeperlab_d2.engine import measure_step_time
 
     cfg = get_cfg()
     add_deeperlab_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts)
     cfg.freeze()
-    step = training_step(cfg)
-    for _ in range(warmup):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps, torch.get_num_threads()
+    return measure_step_time(cfg, steps, warmup), torch.get_num_threads()
 
 
 def main(argv=None):
