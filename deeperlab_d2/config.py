@@ -60,6 +60,12 @@ def add_deeperlab_config(cfg):
     _C.MODEL.DEEPERLAB.ASPP.DROPOUT = 0.1
 
     _C.MODEL.DEEPERLAB.DECODER = CN()
+    # "space_to_depth": the paper's decoder (the skips folded to the encoder stride, two KxK
+    # separable convs there, depth-to-space to stride 4). "upsample" (not DeeperLab's): the
+    # ASPP output upsampled 2x at a time through the skips (MID_LEVEL_FEATURE at stride 8 if
+    # set, then LOW_LEVEL_FEATURE) with one KxK separable conv to OUT_CHANNELS at each level,
+    # as Panoptic-DeepLab's decoder; OUT_CHANNELS is then the width at stride 4 and 8.
+    _C.MODEL.DEEPERLAB.DECODER.NAME = "space_to_depth"
     # 1x1 reduction of the low-level feature before space-to-depth.
     _C.MODEL.DEEPERLAB.DECODER.LOW_LEVEL_CHANNELS = 32
     # Channels of the stride-4 decoder output after depth-to-space. The two depthwise-separable

@@ -156,6 +156,7 @@ TINY = os.path.join(
             ],
             "MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS",
         ),
+        (["MODEL.DEEPERLAB.DECODER.NAME", "unet"], "MODEL.DEEPERLAB.DECODER.NAME"),
         (["MODEL.MOBILENETV2.OUTPUT_STRIDE", "12"], "MODEL.MOBILENETV2.OUTPUT_STRIDE"),
         (["SOLVER.OPTIMIZER", "LBFGS"], "SOLVER.OPTIMIZER"),
     ],
@@ -248,3 +249,62 @@ def test_decoder_stride8_skip(representation):
     for dec in decoders:
         grad = dec.mid_level_proj.weight.grad
         assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("representation", ["keypoints", "center"])
+def test_upsampling_decoder(representation):
+    """DECODER.NAME "upsample": the ASPP output is upsampled 2x to the stride-8 skip, fused
+    there, upsampled 2x to the stride-4 skip and fused again (OUT_CHANNELS at both levels),
+    in the shared decoder and in the center branch's own one; every skip reaches the output
+    and trains; a missing or misaligned skip is an error."""
+    from deeperlab_d2.modeling.decoder import UpsamplingDecoder
+
+    opts = ["MODEL.DEEPERLAB.INSTANCE_REPRESENTATION", representation]
+    opts += ["MODEL.DEEPERLAB.CENTER.DUAL_DECODER", "True", "MODEL.DEEPERLAB.DECODER.NAME"]
+    opts += ["upsample"]
+    skip = ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "res3"]
+    skip += ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS", "8"]
+    torch.manual_seed(0)
+    cfg = load(TINY, *opts, *skip)
+    c = cfg.MODEL.DEEPERLAB
+    model = build_model(cfg)
+    decoders = [model.decoder]
+    if representation == "center":
+        decoders.append(model.instance_branch.decoder)
+    for dec in decoders:
+        assert isinstance(dec, UpsamplingDecoder) and dec.mid_level_feature == "res3"
+        assert dec.mid_level_fuse.depthwise.in_channels == c.ASPP.CHANNELS + 8
+        fused = c.DECODER.OUT_CHANNELS + c.DECODER.LOW_LEVEL_CHANNELS
+        assert dec.low_level_fuse.depthwise.in_channels == fused
+        assert dec.low_level_fuse.pointwise.out_channels == dec.out_channels
+        assert dec.out_channels == c.DECODER.OUT_CHANNELS
+    # without the stride-8 skip the ASPP output goes straight to stride 4
+    plain = build_model(load(TINY, *opts)).decoder
+    assert plain.mid_level_fuse is None and plain.mid_level_feature == ""
+    assert plain.low_level_fuse.depthwise.in_channels == (
+        c.ASPP.CHANNELS + c.DECODER.LOW_LEVEL_CHANNELS
+    )
+
+    dec = model.decoder.eval()
+    x = torch.randn(1, dec.aspp.convs[0].in_channels, 4, 4)
+    low = torch.randn(1, dec.low_level_proj.in_channels, 16, 16)
+    mid = torch.randn(1, dec.mid_level_proj.in_channels, 8, 8)
+    with torch.no_grad():
+        a = dec(x, low, None, mid)
+        assert a.shape == (1, dec.out_channels, 16, 16)
+        assert not torch.allclose(a, dec(x, low, None, mid + 1.0))
+        assert not torch.allclose(a, dec(x, low + 1.0, None, mid))
+        assert not torch.allclose(a, dec(x + 1.0, low, None, mid))
+        with pytest.raises(ValueError, match="low-level feature"):
+            dec(x, low[..., :15], None, mid)
+    with pytest.raises(ValueError, match="mid_level"):
+        dec(x, low)
+
+    model.train()
+    out = model.predict(torch.randn(2, 3, 64, 96))
+    sem = out["sem_seg"]
+    assert sem.shape == (2, c.NUM_CLASSES, 64, 96)
+    sum(v.float().square().mean() for v in out.values()).backward()
+    for dec in decoders:
+        for proj in (dec.mid_level_proj, dec.low_level_proj):
+            assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0

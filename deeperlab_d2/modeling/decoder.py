@@ -286,6 +286,104 @@ class DeeperLabDecoder(nn.Module):
         return depth_to_space(x, self.block_size)
 
 
+class UpsamplingDecoder(nn.Module):
+    """ASPP + bilinear upsampling through the skip levels (Panoptic-DeepLab's decoder layout).
+
+    Not DeeperLab's decoder: an option (``DECODER.NAME "upsample"``) for comparing the two
+    layouts with everything else equal. The ASPP output at the encoder stride is upsampled 2x
+    at a time to each skip level (stride 8 if ``mid_level_channels`` > 0, then stride 4),
+    concatenated with the skip feature's 1x1 reduction and fused by one KxK
+    depthwise-separable conv to ``out_channels``, so that the last convs run at stride 4
+    (DeeperLab runs its convs at the encoder stride on space-to-depth features instead).
+
+    Args: as :class:`DeeperLabDecoder`; ``block_size`` is the encoder stride / 4 (the total
+    upsampling). With a stride-8 skip the encoder stride must be 16 or more.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        low_level_in_channels: int,
+        block_size: int,
+        aspp_channels: int,
+        aspp_dilations,
+        aspp_dropout: float,
+        low_level_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        norm: str,
+        mid_level_in_channels: int = 0,
+        mid_level_channels: int = 0,
+        mid_level_feature: str = "",
+    ):
+        super().__init__()
+        self.block_size = block_size
+        self.aspp = ASPP(
+            in_channels,
+            aspp_channels,
+            list(aspp_dilations),
+            norm=norm,
+            activation=nn.ReLU(),
+            dropout=aspp_dropout,
+        )
+        width = aspp_channels
+        self.mid_level_proj = self.mid_level_fuse = None
+        self.mid_level_feature = ""
+        if mid_level_in_channels > 0 and mid_level_channels > 0:
+            if block_size < 4 or block_size % 2:
+                raise ValueError(
+                    f"decoder: a stride-8 skip needs an encoder stride of at least 16, got "
+                    f"{4 * block_size}"
+                )
+            self.mid_level_proj = _skip_projection(mid_level_in_channels, mid_level_channels, norm)
+            self.mid_level_fuse = SeparableConv2d(
+                width + mid_level_channels, out_channels, kernel_size, norm=norm
+            )
+            init_conv_weights(self.mid_level_fuse, nonlinearity="relu")
+            self.mid_level_feature = mid_level_feature
+            width = out_channels
+        self.low_level_proj = _skip_projection(low_level_in_channels, low_level_channels, norm)
+        self.low_level_fuse = SeparableConv2d(
+            width + low_level_channels, out_channels, kernel_size, norm=norm
+        )
+        init_conv_weights(self.low_level_fuse, nonlinearity="relu")
+        self.out_channels = out_channels
+
+    @staticmethod
+    def _merge(x, skip, proj, fuse, factor, name):
+        size = (x.shape[-2] * factor, x.shape[-1] * factor)
+        if tuple(skip.shape[-2:]) != size:
+            raise ValueError(
+                f"decoder: {name} feature {tuple(skip.shape[-2:])} is not {factor}x the "
+                f"coarser decoder feature {tuple(x.shape[-2:])}; pad the input to a multiple "
+                f"of the encoder stride"
+            )
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return fuse(torch.cat([x, proj(skip)], dim=1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        low_level: torch.Tensor,
+        valid_sizes: ValidSizes = None,
+        mid_level: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Same inputs and output as :meth:`DeeperLabDecoder.forward`."""
+        x = self.aspp(x, valid_sizes)
+        factor = self.block_size
+        if self.mid_level_proj is not None:
+            if mid_level is None:
+                raise ValueError("decoder: built with a stride-8 skip but got no mid_level")
+            x = self._merge(
+                x, mid_level, self.mid_level_proj, self.mid_level_fuse, factor // 2, "stride-8"
+            )
+            factor = 2
+        return self._merge(
+            x, low_level, self.low_level_proj, self.low_level_fuse, factor, "low-level"
+        )
+
+
 class PredictionHead(nn.Module):
     """KxK depthwise-separable conv + norm + ReLU, then a 1x1 conv to ``out_channels``."""
 
@@ -309,8 +407,9 @@ class PredictionHead(nn.Module):
         return self.predictor(self.tower(x))
 
 
-def build_deeperlab_decoder(cfg, backbone_shapes) -> DeeperLabDecoder:
-    """The ASPP + space-to-depth decoder of ``MODEL.DEEPERLAB.*`` on a backbone's outputs.
+def build_deeperlab_decoder(cfg, backbone_shapes) -> nn.Module:
+    """The decoder of ``MODEL.DEEPERLAB.*`` on a backbone's outputs: DeeperLab's ASPP +
+    space-to-depth decoder, or with ``DECODER.NAME "upsample"`` the :class:`UpsamplingDecoder`.
 
     Args:
         cfg: a Detectron2 config with the DeeperLab keys.
@@ -321,6 +420,11 @@ def build_deeperlab_decoder(cfg, backbone_shapes) -> DeeperLabDecoder:
             outputs, the low-level stride is not 4, or the strides do not divide.
     """
     c = cfg.MODEL.DEEPERLAB
+    if c.DECODER.NAME not in ("space_to_depth", "upsample"):
+        raise ValueError(
+            f"MODEL.DEEPERLAB.DECODER.NAME must be 'space_to_depth' or 'upsample', "
+            f"got {c.DECODER.NAME!r}"
+        )
     named = [("IN_FEATURE", c.IN_FEATURE), ("LOW_LEVEL_FEATURE", c.LOW_LEVEL_FEATURE)]
     if c.DECODER.MID_LEVEL_FEATURE:
         named.append(("DECODER.MID_LEVEL_FEATURE", c.DECODER.MID_LEVEL_FEATURE))
@@ -356,7 +460,8 @@ def build_deeperlab_decoder(cfg, backbone_shapes) -> DeeperLabDecoder:
                 f"DECODER.MID_LEVEL_FEATURE is set, got {c.DECODER.MID_LEVEL_CHANNELS}"
             )
         mid_in = mid.channels
-    return DeeperLabDecoder(
+    decoders = {"space_to_depth": DeeperLabDecoder, "upsample": UpsamplingDecoder}
+    return decoders[c.DECODER.NAME](
         in_channels=high.channels,
         low_level_in_channels=low.channels,
         block_size=high.stride // low.stride,
