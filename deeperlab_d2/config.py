@@ -79,6 +79,11 @@ def add_deeperlab_config(cfg):
     _C.MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE = ""
     _C.MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS = 32
 
+    # True: the instance branch's heads get their own ASPP + decoder (of DECODER.*) on the
+    # backbone features, the semantic head keeps the shared one (Panoptic-DeepLab's dual
+    # layout; not DeeperLab's, whose heads all share one decoder). Any instance representation.
+    _C.MODEL.DEEPERLAB.DUAL_DECODER = False
+
     # The five prediction heads: a KxK depthwise-separable conv + BN + ReLU, then a 1x1 conv.
     _C.MODEL.DEEPERLAB.HEAD_KERNEL_SIZE = 7
     _C.MODEL.DEEPERLAB.SEM_SEG_HEAD_CHANNELS = 256
@@ -117,9 +122,6 @@ def add_deeperlab_config(cfg):
     # MSE center-heatmap loss and L1 center-offset loss (offsets in pixels), as in the paper.
     _C.MODEL.DEEPERLAB.CENTER.HEATMAP_LOSS_WEIGHT = 200.0
     _C.MODEL.DEEPERLAB.CENTER.OFFSET_LOSS_WEIGHT = 0.01
-    # True: the center heads get their own ASPP + decoder (Panoptic-DeepLab's dual layout);
-    # False: they share DeeperLab's decoder with the semantic head.
-    _C.MODEL.DEEPERLAB.CENTER.DUAL_DECODER = False
     # Inference: center heatmap threshold, max-pool NMS window, centers kept per image.
     _C.MODEL.DEEPERLAB.CENTER.THRESHOLD = 0.1
     _C.MODEL.DEEPERLAB.CENTER.NMS_KERNEL = 7

@@ -83,7 +83,7 @@ def test_config_loads_and_model_builds(path):
     assert {k: tuple(v.shape) for k, v in out.items() if k != "sem_seg"} == expected
     if c.INSTANCE_REPRESENTATION == "center":
         # Panoptic-DeepLab's dual layout: the center heads have their own ASPP + decoder
-        assert (model.instance_branch.decoder is not None) == c.CENTER.DUAL_DECODER
+        assert (model.instance_branch.decoder is not None) == c.DUAL_DECODER
     # the decoder's separable convs run with OUT_CHANNELS * block^2 channels (4096 in the paper)
     shapes = model.backbone.output_shape()
     block = shapes[c.IN_FEATURE].stride // shapes[c.LOW_LEVEL_FEATURE].stride
@@ -208,12 +208,12 @@ def test_channels_last_is_the_same_network():
 def test_decoder_stride8_skip(representation):
     """DECODER.MID_LEVEL_FEATURE adds the stride-8 feature to the decoder's concatenation
     (folded 2x2 to stride 16 at output stride 16): the fuse conv sees its channels, the
-    outputs depend on it, and its projection trains, also in the center branch's own decoder
-    of the dual layout. Without the key the decoder is the paper's."""
+    outputs depend on it, and its projection trains, also in the instance branch's own
+    decoder of the dual layout. Without the key the decoder is the paper's."""
     opts = [
         "MODEL.DEEPERLAB.INSTANCE_REPRESENTATION",
         representation,
-        "MODEL.DEEPERLAB.CENTER.DUAL_DECODER",
+        "MODEL.DEEPERLAB.DUAL_DECODER",
         "True",
     ]
     skip = ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "res3"]
@@ -221,9 +221,7 @@ def test_decoder_stride8_skip(representation):
     torch.manual_seed(0)
     plain = build_model(load(TINY, *opts))
     model = build_model(load(TINY, *opts, *skip))
-    decoders = [model.decoder]
-    if representation == "center":
-        decoders.append(model.instance_branch.decoder)
+    decoders = [model.decoder, model.instance_branch.decoder]
     for dec in decoders:
         assert dec.mid_level_feature == "res3"
         width = plain.decoder.fuse[0].depthwise.in_channels
@@ -255,12 +253,12 @@ def test_decoder_stride8_skip(representation):
 def test_upsampling_decoder(representation):
     """DECODER.NAME "upsample": the ASPP output is upsampled 2x to the stride-8 skip, fused
     there, upsampled 2x to the stride-4 skip and fused again (OUT_CHANNELS at both levels),
-    in the shared decoder and in the center branch's own one; every skip reaches the output
+    in the shared decoder and in the instance branch's own one; every skip reaches the output
     and trains; a missing or misaligned skip is an error."""
     from deeperlab_d2.modeling.decoder import UpsamplingDecoder
 
     opts = ["MODEL.DEEPERLAB.INSTANCE_REPRESENTATION", representation]
-    opts += ["MODEL.DEEPERLAB.CENTER.DUAL_DECODER", "True", "MODEL.DEEPERLAB.DECODER.NAME"]
+    opts += ["MODEL.DEEPERLAB.DUAL_DECODER", "True", "MODEL.DEEPERLAB.DECODER.NAME"]
     opts += ["upsample"]
     skip = ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "res3"]
     skip += ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS", "8"]
@@ -268,9 +266,7 @@ def test_upsampling_decoder(representation):
     cfg = load(TINY, *opts, *skip)
     c = cfg.MODEL.DEEPERLAB
     model = build_model(cfg)
-    decoders = [model.decoder]
-    if representation == "center":
-        decoders.append(model.instance_branch.decoder)
+    decoders = [model.decoder, model.instance_branch.decoder]
     for dec in decoders:
         assert isinstance(dec, UpsamplingDecoder) and dec.mid_level_feature == "res3"
         assert dec.mid_level_fuse.depthwise.in_channels == c.ASPP.CHANNELS + 8

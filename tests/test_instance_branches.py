@@ -41,7 +41,7 @@ def test_selection_by_config():
 
 @pytest.mark.parametrize("representation", ["keypoints", "center"])
 def test_mapper_makes_the_branch_targets_and_a_training_step_runs(synthetic_root, representation):
-    cfg = cfg_for(representation, "MODEL.DEEPERLAB.CENTER.DUAL_DECODER", "True")
+    cfg = cfg_for(representation, "MODEL.DEEPERLAB.DUAL_DECODER", "True")
     branch = get_instance_branch_class(cfg)
     mapper = DeeperLabDatasetMapper(cfg, True)
     batch = [mapper(r) for r in DatasetCatalog.get("test_synth_train")[:2]]
@@ -57,9 +57,12 @@ def test_mapper_makes_the_branch_targets_and_a_training_step_runs(synthetic_root
     sum(losses.values()).backward()
     for name, p in model.instance_branch.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    if representation == "center":  # the dual layout: its own ASPP + decoder learns
-        assert model.instance_branch.decoder is not None
-        assert any(p.grad.abs().sum() > 0 for p in model.instance_branch.decoder.parameters())
+    # the dual layout, for any representation: its own ASPP + decoder learns
+    assert model.instance_branch.decoder is not None
+    assert any(p.grad.abs().sum() > 0 for p in model.instance_branch.decoder.parameters())
+    # the shared decoder now serves the semantic head only
+    sem_only = [p.grad for p in model.decoder.parameters() if p.grad is not None]
+    assert sem_only and model.instance_branch.decoder is not model.decoder
     # the ideal outputs of one image's targets have the shapes of the branch's outputs
     model.eval()
     with torch.no_grad():

@@ -85,7 +85,7 @@ def test_center_oracle_on_synthetic_val(val_name):
     [
         # one center of mass for two instances: one center, one instance (the oracle builds
         # the branch without its own decoder, which does not change the inference)
-        ("center", ["MODEL.DEEPERLAB.CENTER.DUAL_DECODER", True], 2),
+        ("center", ["MODEL.DEEPERLAB.DUAL_DECODER", True], 2),
         # the center's middle-range offsets point to one instance's corners; a corner whose
         # walk through the shared center does not come back takes the keypoints its own
         # pixels predict (long range): the disc's corner proposes the disc, whose box is not

@@ -103,7 +103,7 @@ def build_oracle_branch(cfg):
 
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.DEEPERLAB.CENTER.DUAL_DECODER = False
+    cfg.MODEL.DEEPERLAB.DUAL_DECODER = False
     return build_instance_branch(cfg, in_channels=8, backbone_shapes=None).eval()
 
 

@@ -100,6 +100,47 @@ class InstanceBranch(nn.Module):
     #: thresholds of its inference; has ``thing_area`` and ``stuff_area`` for the fusion
     post_process: object
 
+    def __init__(self):
+        super().__init__()
+        # the branch's own ASPP + decoder (MODEL.DEEPERLAB.DUAL_DECODER), or None: its heads
+        # take the shared decoder's output (see set_decoder)
+        self.set_decoder(None, "", "")
+
+    @staticmethod
+    def own_decoder_from_config(cfg, in_channels: int, backbone_shapes) -> dict:
+        """``decoder``, ``in_feature``, ``low_level_feature`` and ``in_channels`` (the
+        channels the heads see) constructor arguments for ``MODEL.DEEPERLAB.DUAL_DECODER``."""
+        c = cfg.MODEL.DEEPERLAB
+        decoder = None
+        if c.DUAL_DECODER:
+            if backbone_shapes is None:
+                raise ValueError("MODEL.DEEPERLAB.DUAL_DECODER needs the backbone's shapes")
+            decoder = build_deeperlab_decoder(cfg, backbone_shapes)
+            in_channels = decoder.out_channels
+        return {
+            "in_channels": in_channels,
+            "decoder": decoder,
+            "in_feature": c.IN_FEATURE,
+            "low_level_feature": c.LOW_LEVEL_FEATURE,
+        }
+
+    def set_decoder(self, decoder: Optional[nn.Module], in_feature: str, low_level_feature: str):
+        """Keep the branch's own decoder (None: heads on the shared decoder's output)."""
+        self.decoder = decoder
+        self.in_feature, self.low_level_feature = in_feature, low_level_feature
+
+    def head_input(self, x: torch.Tensor, features: Dict[str, torch.Tensor], valid_sizes=None):
+        """What the heads see: ``x``, the shared decoder's output, or with an own decoder its
+        output on the backbone ``features``."""
+        if self.decoder is None:
+            return x
+        return self.decoder(
+            features[self.in_feature],
+            features[self.low_level_feature],
+            valid_sizes,
+            features.get(self.decoder.mid_level_feature),
+        )
+
     @classmethod
     def target_generator_from_config(cls, cfg, thing_ids: Sequence[int]):
         """The callable ``(panoptic ids [H, W], segments_info) -> dict of target tensors``."""
@@ -148,8 +189,10 @@ class InstanceBranch(nn.Module):
 class KeypointBranch(InstanceBranch):
     """DeeperLab's keypoint representation: heatmap (P = 5 keypoints), short- and long-range
     offsets (P fields) and middle-range offsets (E = 8 edges) heads, each a KxK separable conv +
-    norm + ReLU and a 1x1 conv on the shared decoder output; sigmoid CE and masked L1 losses;
-    Hough-voting inference (:func:`~deeperlab_d2.layers.post_processing.deeperlab_instances`).
+    norm + ReLU and a 1x1 conv on the shared decoder output (with
+    ``MODEL.DEEPERLAB.DUAL_DECODER``, on the branch's own ASPP + decoder); sigmoid CE and
+    masked L1 losses; Hough-voting inference
+    (:func:`~deeperlab_d2.layers.post_processing.deeperlab_instances`).
 
     Outputs: ``heatmap`` [N, P, H, W] logits; ``short_offsets`` / ``long_offsets``
     [N, P, 2, H, W] and ``mid_offsets`` [N, E, 2, H, W], (dy, dx) in input pixels.
@@ -182,6 +225,9 @@ class KeypointBranch(InstanceBranch):
         post_process: PostProcessConfig,
         heatmap_prior: float = 0.01,
         heatmap_focal_gamma: float = 0.0,
+        decoder: Optional[nn.Module] = None,
+        in_feature: str = "",
+        low_level_feature: str = "",
     ):
         """
         Args:
@@ -193,8 +239,11 @@ class KeypointBranch(InstanceBranch):
             post_process: thresholds of the inference.
             heatmap_prior: initial heatmap probability (bias of the last conv).
             heatmap_focal_gamma: focal exponent of the heatmap's sigmoid CE (0 = plain).
+            decoder: the branch's own ASPP + decoder (dual layout), or None (shared decoder).
+            in_feature, low_level_feature: the backbone features the own decoder takes.
         """
         super().__init__()
+        self.set_decoder(decoder, in_feature, low_level_feature)
         prior = float(torch.logit(torch.tensor(heatmap_prior)))
 
         def head(out, bias_init=None):
@@ -216,7 +265,7 @@ class KeypointBranch(InstanceBranch):
     def from_config(cls, cfg, in_channels: int, backbone_shapes=None):
         c = cfg.MODEL.DEEPERLAB
         return {
-            "in_channels": in_channels,
+            **cls.own_decoder_from_config(cfg, in_channels, backbone_shapes),
             "head_channels": c.INSTANCE_HEAD_CHANNELS,
             "kernel_size": c.HEAD_KERNEL_SIZE,
             "norm": c.NORM,
@@ -242,6 +291,7 @@ class KeypointBranch(InstanceBranch):
         )
 
     def forward(self, x, features, size, valid_sizes=None):
+        x = self.head_input(x, features, valid_sizes)
         n, _, h, w = x.shape
         P, E = NUM_KEYPOINTS, NUM_EDGES
         raw = {
@@ -329,8 +379,8 @@ class CenterBranch(InstanceBranch):
     pixel to the nearest predicted center
     (:func:`~deeperlab_d2.layers.center_post_processing.center_instances`).
 
-    With ``dual_decoder`` the heads sit on their own ASPP + decoder fed by the backbone
-    (Panoptic-DeepLab's dual-ASPP / dual-decoder layout), else on the shared decoder.
+    With ``MODEL.DEEPERLAB.DUAL_DECODER`` the heads sit on their own ASPP + decoder fed by the
+    backbone (Panoptic-DeepLab's dual-ASPP / dual-decoder layout), else on the shared decoder.
 
     Outputs: ``center_heatmap`` [N, 1, H, W]; ``center_offsets`` [N, 1, 2, H, W] (dy, dx) in
     input pixels.
@@ -370,8 +420,7 @@ class CenterBranch(InstanceBranch):
             in_feature, low_level_feature: the backbone features the own decoder takes.
         """
         super().__init__()
-        self.decoder = decoder
-        self.in_feature, self.low_level_feature = in_feature, low_level_feature
+        self.set_decoder(decoder, in_feature, low_level_feature)
         self.center_heatmap = PredictionHead(in_channels, head_channels, 1, kernel_size, norm)
         self.center_offsets = PredictionHead(in_channels, head_channels, 2, kernel_size, norm)
         self.heatmap_loss_weight = heatmap_loss_weight
@@ -381,21 +430,14 @@ class CenterBranch(InstanceBranch):
     @classmethod
     def from_config(cls, cfg, in_channels: int, backbone_shapes=None):
         c = cfg.MODEL.DEEPERLAB
-        decoder = None
-        if c.CENTER.DUAL_DECODER:
-            decoder = build_deeperlab_decoder(cfg, backbone_shapes)
-            in_channels = decoder.out_channels
         return {
-            "in_channels": in_channels,
+            **cls.own_decoder_from_config(cfg, in_channels, backbone_shapes),
             "head_channels": c.INSTANCE_HEAD_CHANNELS,
             "kernel_size": c.HEAD_KERNEL_SIZE,
             "norm": c.NORM,
             "heatmap_loss_weight": c.CENTER.HEATMAP_LOSS_WEIGHT,
             "offset_loss_weight": c.CENTER.OFFSET_LOSS_WEIGHT,
             "post_process": center_post_process_config(cfg),
-            "decoder": decoder,
-            "in_feature": c.IN_FEATURE,
-            "low_level_feature": c.LOW_LEVEL_FEATURE,
         }
 
     @classmethod
@@ -410,13 +452,7 @@ class CenterBranch(InstanceBranch):
         )
 
     def forward(self, x, features, size, valid_sizes=None):
-        if self.decoder is not None:
-            x = self.decoder(
-                features[self.in_feature],
-                features[self.low_level_feature],
-                valid_sizes,
-                features.get(self.decoder.mid_level_feature),
-            )
+        x = self.head_input(x, features, valid_sizes)
         n, _, h, w = x.shape
         return {
             "center_heatmap": _upsample(self.center_heatmap(x), size),
