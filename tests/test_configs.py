@@ -84,6 +84,10 @@ def test_config_loads_and_model_builds(path):
     if c.INSTANCE_REPRESENTATION == "center":
         # Panoptic-DeepLab's dual layout: the center heads have their own ASPP + decoder
         assert (model.instance_branch.decoder is not None) == c.DUAL_DECODER
+    if c.DECODER.NAME == "upsample":
+        # Panoptic-DeepLab's layout: its last conv runs at stride 4 with OUT_CHANNELS
+        assert model.decoder.low_level_fuse.pointwise.out_channels == c.DECODER.OUT_CHANNELS
+        return
     # the decoder's separable convs run with OUT_CHANNELS * block^2 channels (4096 in the paper)
     shapes = model.backbone.output_shape()
     block = shapes[c.IN_FEATURE].stride // shapes[c.LOW_LEVEL_FEATURE].stride
@@ -99,7 +103,11 @@ def test_paper_decoder_width():
     assert model.decoder.block_size == 4
 
 
-def test_resnet_backbone_by_config_alone():
+@pytest.mark.parametrize(
+    "decoder, mid, features",
+    [("space_to_depth", "", "['res2', 'res5']"), ("upsample", "res3", "['res2', 'res3', 'res5']")],
+)
+def test_resnet_backbone_by_config_alone(decoder, mid, features):
     cfg = load(
         os.path.join(
             ROOT, "configs/synthetic/deeperlab_WMNV2-tiny_os16_poly_1200it_bs4_crop192x256.yaml"
@@ -111,7 +119,11 @@ def test_resnet_backbone_by_config_alone():
         "MODEL.RESNETS.RES2_OUT_CHANNELS",
         "64",
         "MODEL.RESNETS.OUT_FEATURES",
-        "['res2', 'res5']",
+        features,
+        "MODEL.DEEPERLAB.DECODER.NAME",
+        decoder,
+        "MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE",
+        mid,
     )
     model = build_model(cfg).eval()
     assert model.decoder.block_size == 8  # res5 at stride 32, res2 at stride 4
@@ -215,11 +227,13 @@ def test_decoder_stride8_skip(representation):
         representation,
         "MODEL.DEEPERLAB.DUAL_DECODER",
         "True",
+        "MODEL.DEEPERLAB.DECODER.NAME",
+        "space_to_depth",
     ]
     skip = ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "res3"]
     skip += ["MODEL.DEEPERLAB.DECODER.MID_LEVEL_CHANNELS", "8"]
     torch.manual_seed(0)
-    plain = build_model(load(TINY, *opts))
+    plain = build_model(load(TINY, *opts, "MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", ""))
     model = build_model(load(TINY, *opts, *skip))
     decoders = [model.decoder, model.instance_branch.decoder]
     for dec in decoders:
@@ -275,7 +289,7 @@ def test_upsampling_decoder(representation):
         assert dec.low_level_fuse.pointwise.out_channels == dec.out_channels
         assert dec.out_channels == c.DECODER.OUT_CHANNELS
     # without the stride-8 skip the ASPP output goes straight to stride 4
-    plain = build_model(load(TINY, *opts)).decoder
+    plain = build_model(load(TINY, *opts, "MODEL.DEEPERLAB.DECODER.MID_LEVEL_FEATURE", "")).decoder
     assert plain.mid_level_fuse is None and plain.mid_level_feature == ""
     assert plain.low_level_fuse.depthwise.in_channels == (
         c.ASPP.CHANNELS + c.DECODER.LOW_LEVEL_CHANNELS
