@@ -161,6 +161,13 @@ class ASPP(nn.Module):
         return out
 
 
+def _decoder_aspp(in_channels, channels, dilations, dropout, norm) -> ASPP:
+    """The ASPP (ReLU activations) that both decoder layouts start with."""
+    return ASPP(
+        in_channels, channels, list(dilations), norm=norm, activation=nn.ReLU(), dropout=dropout
+    )
+
+
 def _skip_projection(in_channels: int, out_channels: int, norm: str) -> Conv2d:
     """The 1x1 conv + norm + ReLU that reduces a skip feature before space-to-depth."""
     conv = Conv2d(
@@ -215,14 +222,7 @@ class DeeperLabDecoder(nn.Module):
     ):
         super().__init__()
         self.block_size = block_size
-        self.aspp = ASPP(
-            in_channels,
-            aspp_channels,
-            list(aspp_dilations),
-            norm=norm,
-            activation=nn.ReLU(),
-            dropout=aspp_dropout,
-        )
+        self.aspp = _decoder_aspp(in_channels, aspp_channels, aspp_dilations, aspp_dropout, norm)
         self.low_level_proj = _skip_projection(low_level_in_channels, low_level_channels, norm)
         self.mid_level_proj = None
         self.mid_level_feature = ""
@@ -319,14 +319,7 @@ class UpsamplingDecoder(nn.Module):
     ):
         super().__init__()
         self.block_size = block_size
-        self.aspp = ASPP(
-            in_channels,
-            aspp_channels,
-            list(aspp_dilations),
-            norm=norm,
-            activation=nn.ReLU(),
-            dropout=aspp_dropout,
-        )
+        self.aspp = _decoder_aspp(in_channels, aspp_channels, aspp_dilations, aspp_dropout, norm)
         width = aspp_channels
         self.mid_level_proj = self.mid_level_fuse = None
         self.mid_level_feature = ""
